@@ -1,0 +1,24 @@
+// C interface of the torch-free CUDA kernels. ops.cpp (compiled by the host compiler against
+// PyTorch) calls these; the .cu files never see a PyTorch header. Each returns a cudaError_t code.
+#pragma once
+#include <cstdint>
+
+#include "../common/warp_math.h"
+
+extern "C" {
+
+enum DaganDtype { kDaganFloat32 = 0, kDaganFloat64 = 1, kDaganFloat16 = 2, kDaganBFloat16 = 3 };
+
+// input (B,C,Hi,Wi), grid (B,Ho,Wo,2), occlusion (B,1,Ho,Wo) or null -> out (B,C,Ho,Wo); any strides.
+int dagan_fast_warp_forward_cuda(int dtype, const dagan_fast::warp::WarpGeometry* geometry, const void* input,
+                                 const void* grid, const void* occlusion, void* out, int device, void* stream);
+
+// grad_input_acc: zeroed, contiguous (B,C,Hi,Wi) in the accumulation type (float for f32/f16/bf16,
+// double for f64) or null; grad_grid contiguous (B,Ho,Wo,2) or null; grad_occlusion contiguous
+// (B,1,Ho,Wo) or null. grad_output strides are in geometry->out_stride.
+int dagan_fast_warp_backward_cuda(int dtype, const dagan_fast::warp::WarpGeometry* geometry, const void* grad_output,
+                                  const void* input, const void* grid, const void* occlusion, void* grad_input_acc,
+                                  void* grad_grid, void* grad_occlusion, int device, void* stream);
+
+const char* dagan_fast_cuda_error_string(int code);
+}

@@ -1,0 +1,233 @@
+"""Capability-based dispatch: each backend says what it can run and, when it cannot, why.
+
+Backends in priority order: ``cuda`` (C++/CUDA), ``triton``, ``cpu`` (C++), ``reference`` (PyTorch).
+The dispatcher picks the first with no reasons against the given inputs; ``backend=`` or the
+``DAGAN_FAST_BACKEND`` environment variable (read at every call) forces one. Nothing is swapped
+globally at import time.
+"""
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass
+from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
+
+import torch
+
+from ._extension import extension, has_kernel
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+PRIORITY = ("cuda", "triton", "cpu", "reference")
+
+
+class BackendError(RuntimeError):
+    """No backend can run an op on the given inputs, or a forced backend cannot; lists every reason."""
+
+
+@dataclass(frozen=True)
+class OpKernels:
+    """One backend's implementation of one op: ``forward(*args)`` and ``backward(grad, *args, mask)``."""
+
+    forward: Callable
+    backward: Callable
+
+
+class BackendInfo(NamedTuple):
+    """Status of one backend in this install: usable at all, ops implemented, and the why."""
+
+    available: bool
+    ops: Tuple[str, ...]
+    detail: str
+
+
+class Backend:
+    """A backend: a name, the ops it implements, and the reasons it cannot run given inputs."""
+
+    name = ""
+    dtypes: Tuple[torch.dtype, ...] = FLOAT_DTYPES
+
+    def __init__(self) -> None:
+        self.kernels: Dict[str, OpKernels] = {}
+
+    def register(self, op: str, forward: Callable, backward: Callable) -> None:
+        self.kernels[op] = OpKernels(forward, backward)
+
+    def unavailable_reason(self) -> Optional[str]:
+        """Why this backend cannot run anything in this process, or None."""
+        return None
+
+    def device_reason(self, device: torch.device) -> Optional[str]:
+        return None
+
+    def op_reason(self, op: str) -> Optional[str]:
+        return None if op in self.kernels else f"has no '{op}' kernel in this version"
+
+    def not_supported_reasons(self, op: str, tensors: Sequence[torch.Tensor]) -> List[str]:
+        """Every reason this backend cannot run ``op`` on ``tensors`` (empty list: it can)."""
+        reasons = []
+        for reason in (self.unavailable_reason(), self.op_reason(op)):
+            if reason:
+                reasons.append(reason)
+        if tensors:
+            device_reason = self.device_reason(tensors[0].device)
+            if device_reason:
+                reasons.append(device_reason)
+            dtype = tensors[0].dtype
+            if dtype not in self.dtypes:
+                reasons.append(f"does not take {dtype} (takes {', '.join(str(d) for d in self.dtypes)})")
+        return reasons
+
+    def implemented_ops(self) -> Tuple[str, ...]:
+        return tuple(sorted(op for op in self.kernels if self.op_reason(op) is None))
+
+    def info(self) -> BackendInfo:
+        reason = self.unavailable_reason()
+        ops = self.implemented_ops()
+        if reason:
+            return BackendInfo(False, ops, reason)
+        if not ops:
+            return BackendInfo(False, ops, "no kernels in this version")
+        return BackendInfo(True, ops, self.describe())
+
+    def describe(self) -> str:
+        return ""
+
+
+class ReferenceBackend(Backend):
+    name = "reference"
+
+    def describe(self) -> str:
+        return "pure PyTorch on any device: the spec and the fallback (differentiable, float64-capable)"
+
+
+class CppCpuBackend(Backend):
+    name = "cpu"
+
+    def unavailable_reason(self) -> Optional[str]:
+        ext = extension()
+        return None if ext.loaded else ext.error
+
+    def op_reason(self, op: str) -> Optional[str]:
+        reason = super().op_reason(op)
+        if reason is None and not has_kernel(f"{op}_fwd", "CPU"):
+            reason = f"the compiled library has no CPU kernel for '{op}' (rebuild the package)"
+        return reason
+
+    def device_reason(self, device: torch.device) -> Optional[str]:
+        return None if device.type == "cpu" else f"runs on CPU tensors, got {device.type}"
+
+    def describe(self) -> str:
+        return f"C++ CPU kernels ({torch.get_num_threads()} threads) from {extension().path}"
+
+
+class CudaBackend(Backend):
+    name = "cuda"
+
+    def unavailable_reason(self) -> Optional[str]:
+        ext = extension()
+        if not ext.loaded:
+            return ext.error
+        if not ext.cuda_compiled:
+            return "the compiled library was built without CUDA kernels (no nvcc, or DAGAN_FAST_CUDA=0)"
+        if not torch.cuda.is_available():
+            build = "a CPU-only build" if torch.version.cuda is None else f"CUDA {torch.version.cuda}"
+            return (f"CUDA kernels compiled (sm {ext.cuda_archs}) but no CUDA device: "
+                    f"torch.cuda.is_available() is False (torch {torch.__version__}, {build})")
+        return None
+
+    def op_reason(self, op: str) -> Optional[str]:
+        reason = super().op_reason(op)
+        if reason is None and not has_kernel(f"{op}_fwd", "CUDA"):
+            reason = f"the compiled library has no CUDA kernel for '{op}'"
+        return reason
+
+    def device_reason(self, device: torch.device) -> Optional[str]:
+        return None if device.type == "cuda" else f"runs on CUDA tensors, got {device.type}"
+
+    def describe(self) -> str:
+        return f"CUDA kernels (sm {extension().cuda_archs}) on {torch.cuda.get_device_name()}"
+
+
+def triton_interpret() -> bool:
+    """Whether TRITON_INTERPRET=1: Triton kernels then run on CPU tensors through the interpreter."""
+    return os.environ.get("TRITON_INTERPRET", "").strip() not in ("", "0")
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_import_error() -> Optional[str]:
+    try:
+        import triton  # noqa: F401
+    except Exception as exc:
+        return f"triton is not installed or fails to import ({exc.__class__.__name__}: {exc})"
+    return None
+
+
+class TritonBackend(Backend):
+    name = "triton"
+    # bf16 is broken in the Triton interpreter; on a GPU it works.
+    interpreter_dtypes = (torch.float16, torch.float32, torch.float64)
+
+    def unavailable_reason(self) -> Optional[str]:
+        if not self.kernels:
+            return "no Triton kernels in this version"
+        error = _triton_import_error()
+        if error:
+            return error
+        if not torch.cuda.is_available() and not triton_interpret():
+            return "no CUDA device (set TRITON_INTERPRET=1 to run the kernels on the CPU through the interpreter)"
+        return None
+
+    def device_reason(self, device: torch.device) -> Optional[str]:
+        if device.type == "cuda":
+            return None
+        if device.type == "cpu" and triton_interpret():
+            return None
+        return f"runs on CUDA tensors (CPU tensors only with TRITON_INTERPRET=1), got {device.type}"
+
+    def not_supported_reasons(self, op: str, tensors: Sequence[torch.Tensor]) -> List[str]:
+        reasons = super().not_supported_reasons(op, tensors)
+        if tensors and tensors[0].device.type == "cpu" and tensors[0].dtype not in self.interpreter_dtypes:
+            reasons.append(f"the Triton interpreter does not take {tensors[0].dtype}")
+        return reasons
+
+    def describe(self) -> str:
+        mode = "interpreter on the CPU" if triton_interpret() and not torch.cuda.is_available() else "GPU"
+        return f"Triton kernels ({mode})"
+
+
+BACKENDS: Dict[str, Backend] = {
+    b.name: b for b in (CudaBackend(), TritonBackend(), CppCpuBackend(), ReferenceBackend())
+}
+
+
+def get_backend(name: str) -> Backend:
+    try:
+        return BACKENDS[name]
+    except KeyError:
+        raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(PRIORITY)}") from None
+
+
+def select_backend(op: str, tensors: Sequence[torch.Tensor], backend: Optional[str] = None) -> Backend:
+    """The backend that runs ``op`` on ``tensors``: ``backend`` or $DAGAN_FAST_BACKEND if given, else
+    the first in priority order that supports the inputs. Raises BackendError with every reason."""
+    forced = backend or os.environ.get("DAGAN_FAST_BACKEND", "").strip() or None
+    if forced is not None:
+        chosen = get_backend(forced)
+        reasons = chosen.not_supported_reasons(op, tensors)
+        if reasons:
+            source = "backend=" if backend else "DAGAN_FAST_BACKEND="
+            raise BackendError(f"{op}: {source}{forced!r} cannot run these inputs: " + "; ".join(reasons))
+        return chosen
+    all_reasons = []
+    for name in PRIORITY:
+        candidate = BACKENDS[name]
+        reasons = candidate.not_supported_reasons(op, tensors)
+        if not reasons:
+            return candidate
+        all_reasons.append(f"{name}: " + "; ".join(reasons))
+    raise BackendError(f"{op}: no backend can run these inputs:\n  " + "\n  ".join(all_reasons))
+
+
+def available_backends() -> Dict[str, BackendInfo]:
+    """Every backend with whether it can run here, the ops it implements, and why (not)."""
+    return {name: BACKENDS[name].info() for name in PRIORITY}

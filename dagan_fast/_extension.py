@@ -1,0 +1,56 @@
+"""Loads the compiled op library (``dagan_fast/_C*.so``) once and remembers why when it cannot.
+
+The library registers ``torch.ops.dagan_fast.*_fwd/_bwd`` kernels for the CPU and, when nvcc built
+them, the CUDA dispatch key. Set ``DAGAN_FAST_NO_EXTENSION=1`` to run without it (reference path).
+"""
+from __future__ import annotations
+
+import functools
+import glob
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+
+@dataclass(frozen=True)
+class ExtensionState:
+    """What the compiled library offers in this process."""
+
+    loaded: bool
+    path: Optional[str]
+    error: Optional[str]
+    cuda_compiled: bool
+    cuda_archs: str
+
+
+@functools.lru_cache(maxsize=None)
+def extension() -> ExtensionState:
+    """Loads the library on first call; never raises (the reason goes into ``error``)."""
+    if os.environ.get("DAGAN_FAST_NO_EXTENSION", "").strip() not in ("", "0"):
+        return ExtensionState(False, None, "disabled by DAGAN_FAST_NO_EXTENSION", False, "")
+    here = os.path.dirname(os.path.abspath(__file__))
+    candidates = sorted(glob.glob(os.path.join(here, "_C*.so")))
+    if not candidates:
+        return ExtensionState(
+            False, None,
+            "compiled library dagan_fast/_C*.so not found (package not built: "
+            "`pip install --no-build-isolation .` builds it)",
+            False, "",
+        )
+    path = candidates[0]
+    try:
+        torch.ops.load_library(path)
+        info = str(torch.ops.dagan_fast.build_info())
+    except Exception as exc:  # an ABI mismatch with the installed torch, a missing symbol, ...
+        return ExtensionState(False, path, f"could not load {path}: {exc}", False, "")
+    parts = dict(p.split(":", 1) if ":" in p else (p, "") for p in info.split(";"))
+    return ExtensionState(True, path, None, "cuda" in parts, parts.get("cuda", ""))
+
+
+def has_kernel(op: str, dispatch_key: str) -> bool:
+    """Whether the compiled library registered ``dagan_fast::<op>`` for ``dispatch_key`` ("CPU"/"CUDA")."""
+    if not extension().loaded:
+        return False
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"dagan_fast::{op}", dispatch_key)

@@ -1,0 +1,108 @@
+"""``cross_modal_attention``: flash-style ``softmax(q k^T * scale) v`` with Dqk != Dv allowed, as a
+torch.library custom op (``dagan_fast::cross_modal_attention``) with fake and autograd."""
+from __future__ import annotations
+
+import math
+from typing import List, Optional, Tuple
+
+import torch
+
+from .. import _backends
+from . import _validate, reference
+
+Tensor = torch.Tensor
+OP = "cross_modal_attention"
+
+
+def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@torch.library.custom_op("dagan_fast::cross_modal_attention", mutates_args=())
+def _attention_op(q: Tensor, k: Tensor, v: Tensor, scale: float, backend: str) -> Tuple[Tensor, Tensor]:
+    return tuple(_backends.get_backend(backend).kernels[OP].forward(q, k, v, scale))
+
+
+@_attention_op.register_fake
+def _(q, k, v, scale, backend):
+    B, H, Nq, _ = q.shape
+    return q.new_empty((B, H, Nq, v.shape[-1])), q.new_empty((B, H, Nq), dtype=_lse_dtype(q.dtype))
+
+
+@torch.library.custom_op("dagan_fast::cross_modal_attention_backward", mutates_args=())
+def _attention_backward_op(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, scale: float,
+                           backend: str, output_mask: List[bool]) -> Tuple[Tensor, Tensor, Tensor]:
+    kernels = _backends.get_backend(backend).kernels[OP]
+    return tuple(kernels.backward(grad_out, q, k, v, out, lse, scale, output_mask))
+
+
+@_attention_backward_op.register_fake
+def _(grad_out, q, k, v, out, lse, scale, backend, output_mask):
+    return tuple(t.new_empty(t.shape) if want else t.new_empty((0,)) for t, want in zip((q, k, v), output_mask))
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, scale, backend = inputs
+    out, lse = output
+    ctx.mark_non_differentiable(lse)
+    ctx.scale, ctx.backend = scale, backend
+    ctx.save_for_backward(q, k, v, out, lse)
+
+
+def _backward(ctx, grad_out, grad_lse):
+    q, k, v, out, lse = ctx.saved_tensors
+    mask = list(ctx.needs_input_grad[:3])
+    dq, dk, dv = _attention_backward_op(grad_out, q, k, v, out, lse, ctx.scale, ctx.backend, mask)
+    return dq if mask[0] else None, dk if mask[1] else None, dv if mask[2] else None, None, None
+
+
+_attention_op.register_autograd(_backward, setup_context=_setup_context)
+_backends.get_backend("reference").register(OP, reference.attention_forward, reference.attention_backward)
+
+
+def check_attention_args(q, k, v, scale, op: str = OP) -> float:
+    """Validates the (B,H,N,D) operands; returns the scale to use (1/sqrt(Dqk) when None)."""
+    _validate.tensor(op, "q", q, 4, "(B,H,Nq,Dqk)")
+    _validate.tensor(op, "k", k, 4, "(B,H,Nk,Dqk)")
+    _validate.tensor(op, "v", v, 4, "(B,H,Nk,Dv)")
+    if k.shape[:2] != q.shape[:2] or v.shape[:2] != q.shape[:2]:
+        raise ValueError(f"{op}: q, k, v must share (B,H); got q {tuple(q.shape)}, k {tuple(k.shape)}, "
+                         f"v {tuple(v.shape)}")
+    if k.shape[3] != q.shape[3]:
+        raise ValueError(f"{op}: k's last dim (Dqk) must equal q's: q {tuple(q.shape)}, k {tuple(k.shape)}")
+    if v.shape[2] != k.shape[2]:
+        raise ValueError(f"{op}: v must have as many keys (dim 2) as k: k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if k.shape[2] < 1:
+        raise ValueError(f"{op}: k must hold at least one key, got {_validate.describe(k)}")
+    if q.shape[3] < 1 or v.shape[3] < 1:
+        raise ValueError(f"{op}: Dqk and Dv must be >= 1, got q {tuple(q.shape)}, v {tuple(v.shape)}")
+    _validate.same_dtype_device(op, [("q", q), ("k", k), ("v", v)])
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[3])
+    if isinstance(scale, torch.Tensor) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise TypeError(f"{op}: scale must be a finite Python float or None, got {scale!r}")
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        _validate.finite(op, name, t)
+    return float(scale)
+
+
+def cross_modal_attention(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float] = None, *,
+                          backend: Optional[str] = None) -> Tensor:
+    """``softmax(q k^T * scale) v`` over keys, never materialising the Nq x Nk matrix.
+
+    q (B,H,Nq,Dqk), k (B,H,Nk,Dqk), v (B,H,Nk,Dv) -> (B,H,Nq,Dv); Dv may differ from Dqk (DaGAN:
+    32 and 256). ``scale`` defaults to 1/sqrt(Dqk); DaGAN passes 1.0. Differentiable in q, k, v.
+    """
+    scale = check_attention_args(q, k, v, scale)
+    chosen = _backends.select_backend(OP, [q], backend)
+    out, _ = _attention_op(q, k, v, scale, chosen.name)
+    return out
+
+
+def attention_with_lse(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float] = None, *,
+                       backend: Optional[str] = None) -> Tuple[Tensor, Tensor]:
+    """Like ``cross_modal_attention`` but also returns the row logsumexp (B,H,Nq) of the scaled scores
+    (float32; float64 for float64 inputs), e.g. to merge attention over split key sets."""
+    scale = check_attention_args(q, k, v, scale)
+    chosen = _backends.select_backend(OP, [q], backend)
+    return _attention_op(q, k, v, scale, chosen.name)

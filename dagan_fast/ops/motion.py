@@ -1,0 +1,193 @@
+"""Sparse-to-dense Taylor motion (FOMM/DaGAN) as torch.library custom ops with fake and autograd:
+``dagan_fast::sparse_motion_inputs`` (the dense-motion hourglass input) and
+``dagan_fast::dense_motion`` (mask softmax + motion mixture)."""
+from __future__ import annotations
+
+import math
+from typing import List, Optional, Tuple
+
+import torch
+
+from .. import _backends
+from . import _validate, reference
+
+Tensor = torch.Tensor
+SPARSE_OP = "sparse_motion_inputs"
+DENSE_OP = "dense_motion"
+
+
+def _grads_fake(likes, output_mask):
+    return tuple(t.new_empty(t.shape) if (want and t is not None) else ref.new_empty((0,))
+                 for t, ref, want in zip(likes, (likes[0], likes[1], likes[1], likes[1], likes[1]), output_mask))
+
+
+# ---------------------------------------------------------------- sparse_motion_inputs
+@torch.library.custom_op("dagan_fast::sparse_motion_inputs", mutates_args=())
+def _sparse_op(source: Tensor, kp_source: Tensor, jac_source: Optional[Tensor], kp_driving: Tensor,
+               jac_driving: Optional[Tensor], variance: float, backend: str) -> Tensor:
+    kernels = _backends.get_backend(backend).kernels[SPARSE_OP]
+    return kernels.forward(source, kp_source, jac_source, kp_driving, jac_driving, variance)
+
+
+@_sparse_op.register_fake
+def _(source, kp_source, jac_source, kp_driving, jac_driving, variance, backend):
+    B, C, H, W = source.shape
+    return source.new_empty((B, (kp_source.shape[1] + 1) * (C + 1), H, W))
+
+
+@torch.library.custom_op("dagan_fast::sparse_motion_inputs_backward", mutates_args=())
+def _sparse_backward_op(grad: Tensor, source: Tensor, kp_source: Tensor, jac_source: Optional[Tensor],
+                        kp_driving: Tensor, jac_driving: Optional[Tensor], variance: float, backend: str,
+                        output_mask: List[bool]) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    kernels = _backends.get_backend(backend).kernels[SPARSE_OP]
+    return tuple(kernels.backward(grad, source, kp_source, jac_source, kp_driving, jac_driving, variance,
+                                  output_mask))
+
+
+@_sparse_backward_op.register_fake
+def _(grad, source, kp_source, jac_source, kp_driving, jac_driving, variance, backend, output_mask):
+    return _grads_fake((source, kp_source, jac_source, kp_driving, jac_driving), output_mask)
+
+
+def _sparse_setup(ctx, inputs, output):
+    source, kp_source, jac_source, kp_driving, jac_driving, variance, backend = inputs
+    ctx.variance, ctx.backend = variance, backend
+    ctx.save_for_backward(source, kp_source, jac_source, kp_driving, jac_driving)
+
+
+def _sparse_backward(ctx, grad):
+    saved = ctx.saved_tensors
+    mask = [ctx.needs_input_grad[i] and saved[i] is not None for i in range(5)]
+    grads = _sparse_backward_op(grad, *saved, ctx.variance, ctx.backend, mask)
+    return (*[g if want else None for g, want in zip(grads, mask)], None, None)
+
+
+_sparse_op.register_autograd(_sparse_backward, setup_context=_sparse_setup)
+
+
+# ---------------------------------------------------------------- dense_motion
+@torch.library.custom_op("dagan_fast::dense_motion", mutates_args=())
+def _dense_op(mask_logits: Tensor, kp_source: Tensor, jac_source: Optional[Tensor], kp_driving: Tensor,
+              jac_driving: Optional[Tensor], backend: str) -> Tuple[Tensor, Tensor]:
+    kernels = _backends.get_backend(backend).kernels[DENSE_OP]
+    return tuple(kernels.forward(mask_logits, kp_source, jac_source, kp_driving, jac_driving))
+
+
+@_dense_op.register_fake
+def _(mask_logits, kp_source, jac_source, kp_driving, jac_driving, backend):
+    B, _, H, W = mask_logits.shape
+    return mask_logits.new_empty((B, H, W, 2)), mask_logits.new_empty(mask_logits.shape)
+
+
+@torch.library.custom_op("dagan_fast::dense_motion_backward", mutates_args=())
+def _dense_backward_op(grad_deformation: Tensor, grad_mask: Tensor, mask_logits: Tensor, kp_source: Tensor,
+                       jac_source: Optional[Tensor], kp_driving: Tensor, jac_driving: Optional[Tensor], backend: str,
+                       output_mask: List[bool]) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    kernels = _backends.get_backend(backend).kernels[DENSE_OP]
+    return tuple(kernels.backward(grad_deformation, grad_mask, mask_logits, kp_source, jac_source, kp_driving,
+                                  jac_driving, output_mask))
+
+
+@_dense_backward_op.register_fake
+def _(grad_deformation, grad_mask, mask_logits, kp_source, jac_source, kp_driving, jac_driving, backend, output_mask):
+    return _grads_fake((mask_logits, kp_source, jac_source, kp_driving, jac_driving), output_mask)
+
+
+def _dense_setup(ctx, inputs, output):
+    mask_logits, kp_source, jac_source, kp_driving, jac_driving, backend = inputs
+    ctx.backend = backend
+    ctx.save_for_backward(mask_logits, kp_source, jac_source, kp_driving, jac_driving)
+
+
+def _dense_backward(ctx, grad_deformation, grad_mask):
+    saved = ctx.saved_tensors
+    mask = [ctx.needs_input_grad[i] and saved[i] is not None for i in range(5)]
+    if grad_deformation is None:
+        grad_deformation = saved[0].new_zeros((saved[0].shape[0], *saved[0].shape[2:], 2))
+    if grad_mask is None:
+        grad_mask = torch.zeros_like(saved[0])
+    grads = _dense_backward_op(grad_deformation, grad_mask, *saved, ctx.backend, mask)
+    return (*[g if want else None for g, want in zip(grads, mask)], None)
+
+
+_dense_op.register_autograd(_dense_backward, setup_context=_dense_setup)
+
+_backends.get_backend("reference").register(SPARSE_OP, reference.sparse_motion_inputs,
+                                            reference.sparse_motion_inputs_backward)
+_backends.get_backend("reference").register(DENSE_OP, reference.dense_motion, reference.dense_motion_backward)
+
+
+# ---------------------------------------------------------------- validation and public API
+def check_keypoint_args(op: str, batch: int, kp_source, jac_source, kp_driving, jac_driving) -> int:
+    """Validates keypoints (B,K,2) and Jacobians (B,K,2,2) or None; returns K."""
+    _validate.tensor(op, "kp_source", kp_source, 3, "(B,K,2)")
+    _validate.tensor(op, "kp_driving", kp_driving, 3, "(B,K,2)")
+    if kp_source.shape[2] != 2 or kp_source.shape[0] != batch:
+        raise ValueError(f"{op}: kp_source must be (B,K,2) with B = {batch}, got {_validate.describe(kp_source)}")
+    if tuple(kp_driving.shape) != tuple(kp_source.shape):
+        raise ValueError(f"{op}: kp_driving must have kp_source's shape {tuple(kp_source.shape)}, "
+                         f"got {tuple(kp_driving.shape)}")
+    K = kp_source.shape[1]
+    if K < 1:
+        raise ValueError(f"{op}: need at least one keypoint, got kp_source {tuple(kp_source.shape)}")
+    for name, jac in (("jac_source", jac_source), ("jac_driving", jac_driving)):
+        if jac is None:
+            continue
+        _validate.tensor(op, name, jac, 4, "(B,K,2,2)")
+        if tuple(jac.shape) != (batch, K, 2, 2):
+            raise ValueError(f"{op}: {name} must be (B,K,2,2) = {(batch, K, 2, 2)} to match the keypoints "
+                             f"(K = {K}), got {tuple(jac.shape)}")
+    for name, t in (("kp_source", kp_source), ("jac_source", jac_source), ("kp_driving", kp_driving),
+                    ("jac_driving", jac_driving)):
+        _validate.finite(op, name, t)
+    return K
+
+
+def sparse_motion_inputs(source: Tensor, kp_source: Tensor, jac_source: Optional[Tensor], kp_driving: Tensor,
+                         jac_driving: Optional[Tensor], variance: float = 0.01, *,
+                         backend: Optional[str] = None) -> Tensor:
+    """Dense-motion hourglass input of DaGAN/FOMM in one op.
+
+    source (B,C,H,W) (the downsampled source image), kp_source/kp_driving (B,K,2) in [-1,1] (x, y),
+    jac_source/jac_driving (B,K,2,2) or None (identity) -> (B,(K+1)(C+1),H,W): for k = 0..K the
+    channels [heat_k, source warped by T_k], T_0 = identity, T_k(z) = kp_s + J_s inv(J_d)(z - kp_d),
+    heat_k = exp(-|z-kp_d|^2/(2 variance)) - exp(-|z-kp_s|^2/(2 variance)), heat_0 = 0.
+    Driving Jacobians with |det| < 1e-6 are inverted as if |det| were 1e-6 (sign kept).
+    """
+    op = SPARSE_OP
+    _validate.tensor(op, "source", source, 4, "(B,C,H,W)")
+    if source.shape[2] < 1 or source.shape[3] < 1:
+        raise ValueError(f"{op}: source must be at least 1x1 spatially, got {_validate.describe(source)}")
+    check_keypoint_args(op, source.shape[0], kp_source, jac_source, kp_driving, jac_driving)
+    _validate.same_dtype_device(op, [("source", source), ("kp_source", kp_source), ("jac_source", jac_source),
+                                     ("kp_driving", kp_driving), ("jac_driving", jac_driving)])
+    if isinstance(variance, torch.Tensor) or not isinstance(variance, (int, float)) or not (
+            math.isfinite(variance) and variance > 0):
+        raise ValueError(f"{op}: variance must be a positive finite float, got {variance!r}")
+    _validate.finite(op, "source", source)
+    chosen = _backends.select_backend(op, [source], backend)
+    return _sparse_op(source, kp_source, jac_source, kp_driving, jac_driving, float(variance), chosen.name)
+
+
+def dense_motion(mask_logits: Tensor, kp_source: Tensor, jac_source: Optional[Tensor], kp_driving: Tensor,
+                 jac_driving: Optional[Tensor], *, backend: Optional[str] = None) -> Tuple[Tensor, Tensor]:
+    """Mixes the K+1 Taylor motions with a softmax mask.
+
+    mask_logits (B,K+1,H,W), keypoints (B,K,2), Jacobians (B,K,2,2) or None -> (deformation
+    (B,H,W,2) = sum_k mask_k T_k(z) on the (H,W) coordinate grid, mask (B,K+1,H,W) = softmax over
+    dim 1). Same Taylor motions and Jacobian floor as ``sparse_motion_inputs``.
+    """
+    op = DENSE_OP
+    _validate.tensor(op, "mask_logits", mask_logits, 4, "(B,K+1,H,W)")
+    K = check_keypoint_args(op, mask_logits.shape[0], kp_source, jac_source, kp_driving, jac_driving)
+    if mask_logits.shape[1] != K + 1:
+        raise ValueError(f"{op}: mask_logits must have K+1 = {K + 1} channels (background + {K} keypoints), "
+                         f"got {_validate.describe(mask_logits)}")
+    if mask_logits.shape[2] < 1 or mask_logits.shape[3] < 1:
+        raise ValueError(f"{op}: mask_logits must be at least 1x1 spatially, got {_validate.describe(mask_logits)}")
+    _validate.same_dtype_device(op, [("mask_logits", mask_logits), ("kp_source", kp_source),
+                                     ("jac_source", jac_source), ("kp_driving", kp_driving),
+                                     ("jac_driving", jac_driving)])
+    _validate.finite(op, "mask_logits", mask_logits)
+    chosen = _backends.select_backend(op, [mask_logits], backend)
+    return _dense_op(mask_logits, kp_source, jac_source, kp_driving, jac_driving, chosen.name)
