@@ -10,7 +10,7 @@
 #include <string>
 
 #include "cpu/warp_occlusion.h"
-#include "op_checks.h"
+#include "op_support.h"
 #ifdef DAGAN_FAST_WITH_CUDA
 #include "cuda/launchers.h"
 #endif
@@ -72,6 +72,7 @@ at::Tensor warp_forward_cuda(const at::Tensor& input, const at::Tensor& grid, co
   c10::DeviceGuard guard(input.device());
   auto out = at::empty({input.size(0), input.size(1), grid.size(1), grid.size(2)}, input.options());
   if (out.numel() == 0) return out;
+  poison(out);
   const auto g = geometry(input, grid, occ, out);
   check_cuda(dagan_fast_warp_forward_cuda(dtype_code(input), &g, input.const_data_ptr(), grid.const_data_ptr(),
                                           occ.has_value() ? occ->const_data_ptr() : nullptr, out.mutable_data_ptr(),
@@ -94,6 +95,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> warp_backward_cuda(const at::Tens
   at::Tensor grad_grid = mask[1] ? at::zeros({B, Ho, Wo, 2}, grid.options()) : at::empty({0}, grid.options());
   at::Tensor grad_occ = want_occ ? at::zeros({B, 1, Ho, Wo}, grid.options()) : at::empty({0}, grid.options());
   if (grad_output.numel() > 0) {
+    poison(grad_grid);
+    poison(grad_occ);
     const auto g = geometry(input, grid, occ, grad_output);
     check_cuda(dagan_fast_warp_backward_cuda(
                    dtype_code(input), &g, grad_output.const_data_ptr(), input.const_data_ptr(), grid.const_data_ptr(),

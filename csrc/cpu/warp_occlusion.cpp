@@ -172,6 +172,7 @@ at::Tensor warp_occlusion_forward(const at::Tensor& input, const at::Tensor& gri
   check_warp_args(input, grid, occlusion, "cpu");
   auto out = at::empty({input.size(0), input.size(1), grid.size(1), grid.size(2)}, input.options());
   if (out.numel() == 0) return out;
+  poison(out);
   const at::Tensor* occ = occlusion.has_value() ? &occlusion.value() : nullptr;
   const auto g = make_geometry(input, grid, occ, out);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "warp_occlusion_fwd_cpu", [&] {
@@ -192,6 +193,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> warp_occlusion_backward(
   at::Tensor grad_input = want_input ? at::zeros(input.sizes(), input.options()) : at::empty({0}, input.options());
   at::Tensor grad_grid = want_grid ? at::empty({B, Ho, Wo, 2}, grid.options()) : at::empty({0}, grid.options());
   at::Tensor grad_occ = want_occ ? at::empty({B, 1, Ho, Wo}, grid.options()) : at::empty({0}, grid.options());
+  poison(grad_grid);
+  poison(grad_occ);
   if (grad_output.numel() == 0) {
     if (want_grid) grad_grid.zero_();
     if (want_occ) grad_occ.zero_();

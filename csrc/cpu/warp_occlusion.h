@@ -5,7 +5,7 @@
 
 #include <ATen/core/Tensor.h>
 
-#include "../op_checks.h"
+#include "../op_support.h"
 
 namespace dagan_fast {
 namespace cpu {

@@ -34,12 +34,19 @@ def _empty_grad(like: Tensor) -> Tensor:
 # --------------------------------------------------------------------------------------------
 # warp_occlusion
 # --------------------------------------------------------------------------------------------
+def _bounded_grid(grid: Tensor) -> Tensor:
+    # Any |coordinate| > 1 + 2/size already reads zeros with zero gradient, so clamping to +-3 changes
+    # nothing there, but makes +-inf read zeros too (grid_sample itself returns NaN for inf).
+    return grid.clamp(-3.0, 3.0)
+
+
 def warp_occlusion(input: Tensor, grid: Tensor, occlusion: Optional[Tensor] = None) -> Tensor:
     """``F.grid_sample(input, grid, bilinear, zeros, align_corners=False) * occlusion``.
 
-    input (B,C,Hi,Wi), grid (B,Ho,Wo,2) in [-1,1] (outside reads zeros), occlusion (B,1,Ho,Wo) or
-    None -> (B,C,Ho,Wo), contiguous.
+    input (B,C,Hi,Wi), grid (B,Ho,Wo,2) in [-1,1] (points outside, inf included, read zeros),
+    occlusion (B,1,Ho,Wo) or None -> (B,C,Ho,Wo), contiguous.
     """
+    grid = _bounded_grid(grid)
     out = F.grid_sample(input, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     if occlusion is not None:
         out = out * occlusion
@@ -52,6 +59,7 @@ def warp_occlusion_backward(grad_output: Tensor, input: Tensor, grid: Tensor, oc
     for in ``output_mask`` (and the occlusion one when there is no occlusion) are empty tensors."""
     want_input, want_grid, want_occ = output_mask
     want_occ = want_occ and occlusion is not None
+    grid = _bounded_grid(grid)
     grad_sample = grad_output if occlusion is None else grad_output * occlusion
     grad_input, grad_grid = _empty_grad(input), _empty_grad(grid)
     if want_input or want_grid:
@@ -323,7 +331,8 @@ def sparse_motion_inputs_backward(grad: Tensor, source: Tensor, kp_source: Tenso
         0, 0, False, [want_source, want_keypoints])
     grad_source = g_src.view(B, K + 1, C, H, W).sum(1) if want_source else _empty_grad(source)
     if not want_keypoints:
-        return (grad_source, *[_empty_grad(kp_source)] * 4)
+        # Four distinct empty tensors: a custom op's outputs must not alias each other.
+        return (grad_source, *[_empty_grad(kp_source) for _ in range(4)])
     grad_affine = _affine_grads(g_motion.view(B, K + 1, H, W, 2)[:, 1:], grid)
     diff_d = grid.unsqueeze(0).unsqueeze(0) - kp_driving[:, :, None, None, :]
     diff_s = grid.unsqueeze(0).unsqueeze(0) - kp_source[:, :, None, None, :]
@@ -369,7 +378,7 @@ def dense_motion_backward(grad_deformation: Tensor, grad_mask: Tensor, mask_logi
         grad_m = grad_mask + (grad_deformation.unsqueeze(1) * motions).sum(-1)
         grad_logits = (mask * (grad_m - (mask * grad_m).sum(1, keepdim=True))).contiguous()
     if not any(output_mask[1:]):
-        return (grad_logits, *[_empty_grad(kp_source)] * 4)
+        return (grad_logits, *[_empty_grad(kp_source) for _ in range(4)])  # distinct, never aliased
     grad_motions = mask[:, 1:].unsqueeze(-1) * grad_deformation.unsqueeze(1)
     zeros = torch.zeros_like(kp_source)
     kp_grads = _keypoint_grads(_affine_grads(grad_motions, grid), zeros, zeros, kp_source, jac_source, kp_driving,

@@ -1,11 +1,27 @@
-// Argument checks of the compiled ops. The Python layer validates first with friendlier messages;
-// these guard direct torch.ops.dagan_fast.* calls so that no kernel ever reads out of bounds.
+// Shared by the compiled ops: argument checks and the debug poisoning of outputs. The Python layer
+// validates first with friendlier messages; these checks guard direct torch.ops.dagan_fast.* calls
+// so that no kernel ever reads out of bounds.
 #pragma once
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 #include <c10/util/Optional.h>
 
 namespace dagan_fast {
+
+// With DAGAN_FAST_POISON=1, freshly allocated outputs are filled with NaN before the kernel runs,
+// so a test can prove that every element was written. Read at each call (tests toggle it).
+inline bool poison_outputs() {
+  const char* v = std::getenv("DAGAN_FAST_POISON");
+  return v != nullptr && std::strcmp(v, "") != 0 && std::strcmp(v, "0") != 0;
+}
+
+inline void poison(at::Tensor& t) {
+  if (t.defined() && t.numel() > 0 && poison_outputs()) t.fill_(NAN);
+}
 
 inline void check_warp_args(const at::Tensor& input, const at::Tensor& grid,
                             const c10::optional<at::Tensor>& occlusion, const char* backend) {

@@ -1,0 +1,71 @@
+"""Timing and provenance helpers shared by the benchmarks (not a test: no assertions on speed)."""
+from __future__ import annotations
+
+import csv
+import datetime
+import os
+import platform
+import statistics
+import subprocess
+import time
+from typing import Callable, Dict, List
+
+import torch
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+
+
+def versions() -> Dict[str, str]:
+    try:
+        import triton
+        triton_version = triton.__version__
+    except Exception:
+        triton_version = "none"
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or "unknown"
+    except OSError:
+        commit = "unknown"
+    return {"torch": torch.__version__, "triton": triton_version, "commit": commit,
+            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")}
+
+
+def time_ms(fn: Callable[[], object], device: torch.device, *, warmup: int = 3, repeats: int = 10,
+            min_seconds: float = 0.0) -> float:
+    """Median wall time of ``fn`` in milliseconds (CUDA events on a GPU)."""
+    for _ in range(warmup):
+        fn()
+    samples: List[float] = []
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        for _ in range(repeats):
+            start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            stop.record()
+            stop.synchronize()
+            samples.append(start.elapsed_time(stop))
+        return statistics.median(samples)
+    began = time.perf_counter()
+    while len(samples) < repeats or time.perf_counter() - began < min_seconds:
+        t0 = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(samples)
+
+
+def append_csv(path: str, rows: List[Dict[str, object]]) -> None:
+    """Appends rows (dicts with the same keys) to ``path``, writing the header for a new file."""
+    if not rows:
+        return
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    new = not os.path.exists(path)
+    with open(path, "a", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0].keys()))
+        if new:
+            writer.writeheader()
+        writer.writerows(rows)

@@ -1,0 +1,200 @@
+"""Times each dagan_fast op per backend against the plain PyTorch formulation, in one run.
+
+    python benchmarks/kernels.py [warp|attention|motion|all] [--device cpu|cuda] [--full] [--csv PATH]
+
+Prints per shape and pass (forward, backward, forward+backward): ms, achieved GB/s (warp, motion:
+bytes read once + written once) or TFLOP/s (attention), and the speed ratio against PyTorch. Rows
+are appended to benchmarks/results/kernels-<device>.csv with device, versions, commit and date.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+from typing import Callable, Dict, List, Optional
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import dagan_fast  # noqa: E402
+from dagan_fast.ops import reference  # noqa: E402
+from _common import append_csv, device_name, time_ms, versions  # noqa: E402
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+def backends_with(op: str, device: torch.device) -> List[str]:
+    names = []
+    for name, info in dagan_fast.ops.available_backends().items():
+        usable_here = (name == "cuda") == (device.type == "cuda") or name in ("reference", "triton")
+        if info.available and op in info.ops and usable_here:
+            names.append(name)
+    return names
+
+
+def timed_passes(forward: Callable[[], torch.Tensor], inputs: List[torch.Tensor], device) -> Dict[str, float]:
+    """ms for forward (no autograd graph), backward alone (on a retained graph), forward+backward."""
+    def fwd():
+        with torch.no_grad():
+            forward()
+
+    out = forward()
+    grad = torch.randn_like(out)
+
+    def bwd():
+        torch.autograd.backward(out, grad, retain_graph=True)
+
+    def both():
+        torch.autograd.backward(forward(), grad)
+
+    results = {"forward": time_ms(fwd, device), "backward": time_ms(bwd, device),
+               "forward+backward": time_ms(both, device)}
+    for t in inputs:
+        t.grad = None
+    return results
+
+
+def report(rows: List[dict], op: str, shape: str, baseline: str, results: Dict[str, Dict[str, float]],
+           work: Dict[str, float], unit: str, device: torch.device, meta: dict) -> None:
+    for name, passes in results.items():
+        for pass_name, ms in passes.items():
+            base_ms = results[baseline][pass_name]
+            rate = work[pass_name] / (ms * 1e-3) / (1e9 if unit == "GB/s" else 1e12)
+            row = {"op": op, "shape": shape, "pass": pass_name, "backend": name, "ms": round(ms, 4),
+                   unit.replace("/", "_per_"): round(rate, 3), "speedup_vs_pytorch": round(base_ms / ms, 3),
+                   "device": device_name(device), **meta}
+            rows.append(row)
+            print(f"{op:22s} {shape:34s} {pass_name:17s} {name:12s} {ms:10.3f} ms {rate:9.2f} {unit:7s} "
+                  f"x{base_ms / ms:6.2f}")
+
+
+# ---------------------------------------------------------------- warp
+def bench_warp(device, full: bool, meta: dict) -> List[dict]:
+    shapes = [(1, 256, 64, 64), (8, 256, 64, 64), (1, 64, 256, 256), (1, 3, 256, 256), (8, 3, 256, 256)]
+    if full or device.type == "cuda":
+        shapes += [(32, 256, 64, 64), (8, 64, 256, 256), (32, 3, 256, 256)]
+    rows: List[dict] = []
+    for B, C, H, W in shapes:
+        x = torch.randn(B, C, H, W, device=device, requires_grad=True)
+        grid = ((torch.rand(B, H, W, 2, device=device) * 2 - 1) * 1.05).requires_grad_()
+        occ = torch.rand(B, 1, H, W, device=device, requires_grad=True)
+        inputs = [x, grid, occ]
+        results = {"pytorch": timed_passes(
+            lambda: F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False) * occ,
+            inputs, device)}
+        for name in backends_with("warp_occlusion", device):
+            results[name] = timed_passes(
+                lambda name=name: dagan_fast.ops.warp_occlusion(x, grid, occ, backend=name), inputs, device)
+        e = x.element_size()
+        fwd_bytes = e * (B * C * H * W * 2 + B * H * W * 3)
+        bwd_bytes = e * (B * C * H * W * 3 + B * H * W * 6)
+        work = {"forward": fwd_bytes, "backward": bwd_bytes, "forward+backward": fwd_bytes + bwd_bytes}
+        report(rows, "warp_occlusion", f"B{B} C{C} {H}x{W}", "pytorch", results, work, "GB/s", device, meta)
+    return rows
+
+
+# ---------------------------------------------------------------- attention
+def bench_attention(device, full: bool, meta: dict) -> List[dict]:
+    # (B, H, N, Dqk, Dv, scale): DaGAN's layer, then DaGAN++-style layers with D = layer channels
+    shapes = [(1, 1, 4096, 32, 256, 1.0), (8, 1, 4096, 32, 256, 1.0), (1, 1, 1024, 64, 64, None),
+              (1, 1, 4096, 64, 64, None)]
+    if full or device.type == "cuda":
+        shapes += [(1, 1, 16384, 64, 64, None), (1, 1, 65536, 64, 64, None)]
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    rows: List[dict] = []
+    for B, H, N, Dqk, Dv, scale in shapes:
+        q = torch.randn(B, H, N, Dqk, device=device, dtype=dtype, requires_grad=True)
+        k = torch.randn(B, H, N, Dqk, device=device, dtype=dtype, requires_grad=True)
+        v = torch.randn(B, H, N, Dv, device=device, dtype=dtype, requires_grad=True)
+        inputs = [q, k, v]
+        s = 1.0 / math.sqrt(Dqk) if scale is None else scale
+        results = {"sdpa": timed_passes(lambda: F.scaled_dot_product_attention(q, k, v, scale=s), inputs, device)}
+        if B * H * N * N * 4 <= 2 ** 31:
+            results["materialised"] = timed_passes(lambda: reference.materialized_attention(q, k, v, s), inputs,
+                                                   device)
+        for name in backends_with("cross_modal_attention", device):
+            results[name] = timed_passes(
+                lambda name=name: dagan_fast.ops.cross_modal_attention(q, k, v, s, backend=name), inputs, device)
+        fwd_flops = 2.0 * B * H * N * N * (Dqk + Dv)
+        bwd_flops = 2.0 * B * H * N * N * (3 * Dqk + 2 * Dv)  # recompute QK^T, dV, dP, dQ, dK
+        work = {"forward": fwd_flops, "backward": bwd_flops, "forward+backward": fwd_flops + bwd_flops}
+        report(rows, "cross_modal_attention", f"B{B} H{H} N{N} Dqk{Dqk} Dv{Dv} {str(dtype)[6:]}", "sdpa", results,
+               work, "TFLOP/s", device, meta)
+    return rows
+
+
+# ---------------------------------------------------------------- motion
+def official_sparse_motion_inputs(source, kp_s, jac_s, kp_d, jac_d, variance=0.01):
+    """The official DaGAN/FOMM formulation: materialised motions, per-pixel torch.inverse."""
+    B, C, H, W = source.shape
+    K = kp_s.shape[1]
+    grid = reference.make_coordinate_grid(H, W, source.dtype, source.device)
+
+    def gaussian(kp):
+        mean = kp.view(B, K, 1, 1, 2)
+        return torch.exp(-0.5 * ((grid.view(1, 1, H, W, 2) - mean) ** 2).sum(-1) / variance)
+
+    heat = gaussian(kp_d) - gaussian(kp_s)
+    heat = torch.cat([torch.zeros(B, 1, H, W, dtype=heat.dtype, device=heat.device), heat], 1).unsqueeze(2)
+    coords = grid.view(1, 1, H, W, 2) - kp_d.view(B, K, 1, 1, 2)
+    jac = torch.matmul(jac_s, torch.inverse(jac_d)).unsqueeze(-3).unsqueeze(-3).repeat(1, 1, H, W, 1, 1)
+    coords = torch.matmul(jac, coords.unsqueeze(-1)).squeeze(-1)
+    motions = torch.cat([grid.view(1, 1, H, W, 2).repeat(B, 1, 1, 1, 1), coords + kp_s.view(B, K, 1, 1, 2)], 1)
+    rep = source.unsqueeze(1).unsqueeze(1).repeat(1, K + 1, 1, 1, 1, 1).view(B * (K + 1), C, H, W)
+    deformed = F.grid_sample(rep, motions.view(B * (K + 1), H, W, 2), align_corners=False).view(B, K + 1, C, H, W)
+    return torch.cat([heat, deformed], 2).view(B, -1, H, W)
+
+
+def bench_motion(device, full: bool, meta: dict) -> List[dict]:
+    rows: List[dict] = []
+    K, C, H, W = 15, 3, 64, 64
+    for B in (1, 8, 32):
+        source = torch.rand(B, C, H, W, device=device, requires_grad=True)
+        kp_s = (torch.rand(B, K, 2, device=device) * 2 - 1).requires_grad_()
+        kp_d = (torch.rand(B, K, 2, device=device) * 2 - 1).requires_grad_()
+        eye = torch.eye(2, device=device)
+        jac_s = (eye + 0.2 * torch.randn(B, K, 2, 2, device=device)).requires_grad_()
+        jac_d = (eye + 0.2 * torch.randn(B, K, 2, 2, device=device)).requires_grad_()
+        inputs = [source, kp_s, jac_s, kp_d, jac_d]
+        results = {"official": timed_passes(lambda: official_sparse_motion_inputs(*inputs), inputs, device)}
+        for name in backends_with("sparse_motion_inputs", device):
+            results[name] = timed_passes(
+                lambda name=name: dagan_fast.ops.sparse_motion_inputs(*inputs, backend=name), inputs, device)
+        e = source.element_size()
+        out_bytes = e * B * (K + 1) * (C + 1) * H * W
+        fwd_bytes = out_bytes + e * B * C * H * W
+        work = {"forward": fwd_bytes, "backward": 2 * fwd_bytes, "forward+backward": 3 * fwd_bytes}
+        report(rows, "sparse_motion_inputs", f"B{B} K{K} C{C} {H}x{W}", "official", results, work, "GB/s", device,
+               meta)
+    return rows
+
+
+BENCHES = {"warp": bench_warp, "attention": bench_attention, "motion": bench_motion}
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("which", nargs="?", default="all", choices=[*BENCHES, "all"])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--full", action="store_true", help="also the large shapes on the CPU")
+    parser.add_argument("--csv", default=None, help="CSV to append to (default benchmarks/results/kernels-<dev>.csv)")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: torch.cuda.is_available() is False")
+    meta = versions()
+    print(f"device: {device_name(device)} | torch {meta['torch']} | triton {meta['triton']} | commit {meta['commit']}")
+    print("ratio: PyTorch time / backend time (>1: faster than PyTorch)")
+    rows: List[dict] = []
+    for name in (BENCHES if args.which == "all" else [args.which]):
+        rows += BENCHES[name](device, args.full, meta)
+    tag = "cpu" if device.type == "cpu" else torch.cuda.get_device_name(device).replace(" ", "_")
+    path = args.csv or os.path.join(RESULTS, f"kernels-{tag}.csv")
+    append_csv(path, rows)
+    print(f"appended {len(rows)} rows to {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,41 @@
+"""Shared test helpers: which backends can run an op here, and error measures."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+import dagan_fast
+
+
+def backends_for(op: str):
+    """Names of the backends that implement ``op`` and can run in this process (CPU tensors)."""
+    names = []
+    for name, info in dagan_fast.ops.available_backends().items():
+        if info.available and op in info.ops and name != "cuda":
+            names.append(name)
+    return names
+
+
+def compiled_backends_for(op: str):
+    """Backends other than the reference that can run ``op`` on CPU tensors here."""
+    return [name for name in backends_for(op) if name != "reference"]
+
+
+def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """max |actual - expected| / max(|expected|, tiny), computed in float64."""
+    a, e = actual.double(), expected.double()
+    if e.numel() == 0:
+        return 0.0
+    return float((a - e).abs().max() / e.abs().max().clamp_min(1e-30))
+
+
+@pytest.fixture
+def poison_outputs(monkeypatch):
+    """Compiled kernels fill fresh outputs with NaN first (DAGAN_FAST_POISON=1)."""
+    monkeypatch.setenv("DAGAN_FAST_POISON", "1")
+    yield
+
+
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -1,0 +1,180 @@
+"""cross_modal_attention: every backend against naive materialised attention, forward and backward."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from dagan_fast.ops import attention_with_lse, cross_modal_attention, reference
+from conftest import backends_for, rel_err
+
+BACKENDS = backends_for("cross_modal_attention")
+
+
+def make_qkv(B, H, Nq, Nk, Dqk, Dv, *, dtype=torch.float32, spread=1.0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = (torch.randn(B, H, Nq, Dqk, generator=g, dtype=torch.float64) * spread).to(dtype)
+    k = (torch.randn(B, H, Nk, Dqk, generator=g, dtype=torch.float64) * spread).to(dtype)
+    v = torch.randn(B, H, Nk, Dv, generator=g, dtype=torch.float64).to(dtype)
+    return q, k, v
+
+
+SHAPES = [
+    (1, 1, 1, 1, 16, 16),
+    (2, 1, 97, 131, 32, 256),   # DaGAN's Dqk=32, Dv=256 at prime N
+    (1, 3, 200, 64, 16, 48),
+    (2, 2, 5, 300, 64, 8),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("scale", [None, 1.0, 0.3])
+def test_forward_matches_materialised(backend, shape, scale):
+    q, k, v = make_qkv(*shape)
+    out = cross_modal_attention(q, k, v, scale, backend=backend)
+    assert out.shape == (*shape[:3], shape[5]) and out.dtype == q.dtype
+    assert rel_err(out, reference.materialized_attention(q.double(), k.double(), v.double(), scale)) < 1e-5
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_large_logits_do_not_overflow(backend):
+    q, k, v = make_qkv(1, 1, 256, 256, 32, 256, spread=4.0)  # DaGAN: scale 1, energies well above 20
+    energies = torch.matmul(q, k.transpose(-1, -2))
+    assert energies.abs().max() > 200
+    out = cross_modal_attention(q, k, v, 1.0, backend=backend)
+    assert torch.isfinite(out).all()
+    exact = reference.materialized_attention(q.double(), k.double(), v.double(), 1.0)
+    # fp32 rounding of energies in the hundreds alone moves probabilities by ~2e-5 (relative)
+    assert rel_err(out, exact) < 1e-4
+    assert rel_err(out, exact) <= 2 * rel_err(reference.materialized_attention(q, k, v, 1.0), exact)
+
+
+def test_logsumexp_is_returned_in_float32():
+    q, k, v = make_qkv(2, 1, 33, 40, 8, 4, dtype=torch.float16)
+    out, lse = attention_with_lse(q, k, v, 0.5, backend="reference")
+    expected = torch.logsumexp(torch.matmul(q.float(), k.float().transpose(-1, -2)) * 0.5, -1)
+    assert lse.dtype == torch.float32 and out.dtype == torch.float16
+    assert rel_err(lse, expected) < 1e-5
+
+
+def test_query_blocks_do_not_change_results(monkeypatch):
+    q, k, v = make_qkv(2, 1, 77, 51, 8, 12)
+    whole = cross_modal_attention(q, k, v, backend="reference")
+    monkeypatch.setattr(reference, "ATTENTION_BLOCK_ELEMENTS", 2 * 51 * 5)  # 5 query rows per block
+    blocked = cross_modal_attention(q, k, v, backend="reference")
+    assert rel_err(blocked, whole) < 1e-6
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    cross_modal_attention(*leaves, backend="reference").sum().backward()
+    ref = [t.double().requires_grad_() for t in (q, k, v)]
+    reference.materialized_attention(*ref).sum().backward()
+    for a, b in zip(leaves, ref):
+        assert rel_err(a.grad, b.grad) < 1e-5
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", SHAPES[1:])
+def test_backward_matches_materialised(backend, shape):
+    q, k, v = make_qkv(*shape, seed=4)
+    grad = torch.randn(*shape[:3], shape[5], generator=torch.Generator().manual_seed(1))
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    cross_modal_attention(*leaves, 1.0, backend=backend).backward(grad)
+    ref = [t.double().requires_grad_() for t in (q, k, v)]
+    reference.materialized_attention(*ref, 1.0).backward(grad.double())
+    for name, a, b in zip("qkv", leaves, ref):
+        assert rel_err(a.grad, b.grad) < 1e-4, name
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gradcheck_float64(backend):
+    q, k, v = make_qkv(2, 2, 7, 9, 5, 3, dtype=torch.float64)
+    leaves = [t.requires_grad_() for t in (q, k, v)]
+    assert torch.autograd.gradcheck(lambda a, b, c: cross_modal_attention(a, b, c, 0.7, backend=backend), leaves)
+    only_k = lambda b: cross_modal_attention(q.detach(), b, v.detach(), backend=backend)
+    assert torch.autograd.gradcheck(only_k, (k,))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_low_precision_error_at_most_twice_pytorch(backend, dtype):
+    q, k, v = make_qkv(1, 2, 64, 80, 32, 48, dtype=dtype)
+    exact = reference.materialized_attention(q.double(), k.double(), v.double(), 1.0)
+    ours = rel_err(cross_modal_attention(q, k, v, 1.0, backend=backend), exact)
+    torch_same_dtype = rel_err(reference.materialized_attention(q, k, v, 1.0), exact)
+    assert ours <= 2 * torch_same_dtype
+
+
+def test_opcheck_custom_ops():
+    q, k, v = make_qkv(2, 1, 6, 5, 4, 3, dtype=torch.float64)
+    for backend in BACKENDS:
+        args = (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), 0.5, backend)
+        torch.library.opcheck(torch.ops.dagan_fast.cross_modal_attention.default, args)
+        out, lse = torch.ops.dagan_fast.cross_modal_attention(q.detach(), k.detach(), v.detach(), 0.5, backend)
+        grad = torch.randn_like(out)
+        torch.library.opcheck(torch.ops.dagan_fast.cross_modal_attention_backward.default,
+                              (grad, q.detach(), k.detach(), v.detach(), out, lse, 0.5, backend, [True, True, True]))
+        torch.library.opcheck(torch.ops.dagan_fast.cross_modal_attention_backward.default,
+                              (grad, q.detach(), k.detach(), v.detach(), out, lse, 0.5, backend, [False, True, False]))
+
+
+def test_batch_zero():
+    q, k, v = make_qkv(0, 1, 5, 7, 4, 6)
+    assert cross_modal_attention(q, k, v, backend="reference").shape == (0, 1, 5, 6)
+
+
+def test_non_contiguous_inputs():
+    q, k, v = make_qkv(2, 1, 40, 30, 8, 16)
+    qt = q.transpose(2, 3).contiguous().transpose(2, 3)
+    vt = torch.randn(2, 1, 30, 32)[..., ::2]
+    vt.copy_(v)
+    assert rel_err(cross_modal_attention(qt, k, vt, backend="reference"),
+                   reference.materialized_attention(q, k, v)) < 1e-5
+
+
+_PEAK_SCRIPT = r"""
+import json, resource, sys, torch
+from dagan_fast.ops import cross_modal_attention
+torch.manual_seed(0)
+n, d = int(sys.argv[1]), int(sys.argv[2])
+q, k, v = (torch.randn(1, 1, n, d) for _ in range(3))
+cross_modal_attention(q[:, :, :64], k[:, :, :64], v[:, :, :64], backend="reference")  # load BLAS etc. first
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+out = cross_modal_attention(q, k, v, backend="reference")
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(json.dumps({"extra_bytes": (peak - base) * 1024, "finite": bool(torch.isfinite(out).all())}))
+"""
+
+
+@pytest.mark.slow
+def test_reference_peak_memory_is_linear_in_n():
+    n, d = 16384, 64
+    result = subprocess.run([sys.executable, "-c", _PEAK_SCRIPT, str(n), str(d)], capture_output=True, text=True,
+                            check=True, env={**os.environ, "OMP_NUM_THREADS": "2"})
+    stats = json.loads(result.stdout.strip().splitlines()[-1])
+    materialised = n * n * 4
+    assert stats["finite"]
+    assert stats["extra_bytes"] < materialised / 8, stats  # 1 GiB would be the N x N map alone
+
+
+@pytest.mark.parametrize("call, error, match", [
+    (lambda q, k, v: cross_modal_attention(q[0], k, v), ValueError, r"q must be 4-D"),
+    (lambda q, k, v: cross_modal_attention(q, k[..., :3], v), ValueError, r"k's last dim \(Dqk\) must equal q's"),
+    (lambda q, k, v: cross_modal_attention(q, k, v[:, :, :4]), ValueError, r"v must have as many keys"),
+    (lambda q, k, v: cross_modal_attention(q, k[:1], v[:1]), ValueError, r"q, k, v must share \(B,H\)"),
+    (lambda q, k, v: cross_modal_attention(q, k[:, :, :0], v[:, :, :0]), ValueError, r"at least one key"),
+    (lambda q, k, v: cross_modal_attention(q.long(), k, v), TypeError, r"q must be a floating tensor"),
+    (lambda q, k, v: cross_modal_attention(q, k.half(), v), TypeError, r"k has dtype torch.float16"),
+    (lambda q, k, v: cross_modal_attention(q, k, v, scale=float("nan")), TypeError, r"scale must be a finite"),
+    (lambda q, k, v: cross_modal_attention(q, k, v, scale=torch.tensor(1.0)), TypeError, r"scale must be"),
+    (lambda q, k, v: cross_modal_attention(q, k, v.index_fill(2, torch.tensor([0]), float("inf"))), ValueError,
+     r"v contains \d+ NaN or inf"),
+    (lambda q, k, v: cross_modal_attention(q, k, v, backend="cpu"), Exception, r"has no 'cross_modal_attention'"),
+])
+def test_bad_input_errors_name_the_argument(call, error, match):
+    q, k, v = make_qkv(2, 1, 6, 5, 4, 3)
+    with pytest.raises(error, match=match):
+        call(q, k, v)

@@ -1,0 +1,114 @@
+"""Dispatch, forced backends, backend reports, and the package working without its optional parts."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import dagan_fast
+from dagan_fast import _backends
+from dagan_fast._extension import extension
+from dagan_fast.ops import BackendError
+
+ALL_OPS = ("cross_modal_attention", "dense_motion", "sparse_motion_inputs", "warp_occlusion")
+
+
+def test_reference_runs_every_op():
+    info = dagan_fast.ops.available_backends()["reference"]
+    assert info.available and set(ALL_OPS) <= set(info.ops)
+
+
+def test_report_names_every_backend_with_a_reason():
+    report = dagan_fast.ops.available_backends()
+    assert list(report) == ["cuda", "triton", "cpu", "reference"]
+    for name, info in report.items():
+        assert isinstance(info.detail, str) and info.detail, name
+
+
+@pytest.mark.skipif(not extension().loaded, reason="compiled library not built")
+def test_compiled_cpu_warp_is_listed():
+    info = dagan_fast.ops.available_backends()["cpu"]
+    assert info.available and "warp_occlusion" in info.ops
+
+
+@pytest.mark.skipif(torch.cuda.is_available() or not extension().cuda_compiled, reason="needs CUDA-built, GPU-less")
+def test_cuda_kernels_compiled_but_no_device():
+    info = dagan_fast.ops.available_backends()["cuda"]
+    assert not info.available
+    assert "compiled" in info.detail and "no CUDA device" in info.detail
+    assert "warp_occlusion" in info.ops
+
+
+def test_default_dispatch_prefers_compiled_cpu_for_warp():
+    x = torch.randn(1, 2, 3, 3)
+    chosen = _backends.select_backend("warp_occlusion", [x])
+    assert chosen.name == ("cpu" if extension().loaded else "reference")
+    assert _backends.select_backend("cross_modal_attention", [x]).name == "reference"
+
+
+def test_environment_variable_forces_a_backend(monkeypatch):
+    x = torch.randn(1, 2, 3, 3)
+    monkeypatch.setenv("DAGAN_FAST_BACKEND", "reference")
+    assert _backends.select_backend("warp_occlusion", [x]).name == "reference"
+    monkeypatch.setenv("DAGAN_FAST_BACKEND", "cuda")
+    with pytest.raises(BackendError, match="DAGAN_FAST_BACKEND='cuda' cannot run.*runs on CUDA tensors"):
+        _backends.select_backend("warp_occlusion", [x])
+    # an explicit backend= wins over the environment
+    assert _backends.select_backend("warp_occlusion", [x], "reference").name == "reference"
+
+
+def test_no_backend_error_lists_every_reason():
+    x = torch.randn(2, 2).to(torch.int32)
+    with pytest.raises(BackendError) as info:
+        _backends.select_backend("warp_occlusion", [x])
+    message = str(info.value)
+    for name in ("cuda:", "triton:", "cpu:", "reference:"):
+        assert name in message
+    assert "does not take torch.int32" in message
+
+
+def test_triton_backend_accepts_cpu_tensors_only_under_the_interpreter(monkeypatch):
+    triton = _backends.get_backend("triton")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert "TRITON_INTERPRET=1" in triton.device_reason(torch.device("cpu"))
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert triton.device_reason(torch.device("cpu")) is None
+    assert triton.device_reason(torch.device("meta")) is not None
+
+
+def _run(code: str, **env) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env={**os.environ, **env}, timeout=300)
+
+
+def test_package_works_without_compiled_library():
+    code = (
+        "import torch, dagan_fast\n"
+        "r = dagan_fast.ops.available_backends()\n"
+        "assert not r['cpu'].available and 'DAGAN_FAST_NO_EXTENSION' in r['cpu'].detail, r['cpu']\n"
+        "x = torch.randn(1, 2, 4, 4); g = torch.rand(1, 3, 3, 2) * 2 - 1\n"
+        "print(dagan_fast.ops.warp_occlusion(x, g).shape)\n"
+    )
+    result = _run(code, DAGAN_FAST_NO_EXTENSION="1")
+    assert result.returncode == 0, result.stderr
+    assert "torch.Size([1, 2, 3, 3])" in result.stdout
+
+
+def test_package_imports_without_triton_and_does_not_import_it():
+    code = (
+        "import sys\n"
+        "sys.modules['triton'] = None  # any `import triton` now raises ImportError\n"
+        "import torch, dagan_fast\n"
+        "info = dagan_fast.ops.available_backends()['triton']\n"
+        "assert not info.available, info\n"
+        "x = torch.randn(1, 1, 8, 8); q = torch.randn(1, 1, 10, 4)\n"
+        "dagan_fast.ops.cross_modal_attention(q, q, q)\n"
+        "print('ok')\n"
+    )
+    result = _run(code)
+    assert result.returncode == 0, result.stderr
+    lazy = _run("import sys, dagan_fast; print('triton' in sys.modules)")
+    assert lazy.stdout.strip() == "False"

@@ -1,0 +1,243 @@
+"""warp_occlusion: every backend against F.grid_sample * occlusion, forward and backward."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import dagan_fast
+from dagan_fast.ops import BackendError, warp_occlusion
+from conftest import backends_for, compiled_backends_for, gpu, rel_err
+
+BACKENDS = backends_for("warp_occlusion")
+COMPILED = compiled_backends_for("warp_occlusion")
+
+
+def oracle(x, grid, occ):
+    out = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    return out if occ is None else out * occ
+
+
+def make_inputs(B, C, Hi, Wi, Ho, Wo, *, spread=1.3, dtype=torch.float32, occlusion=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, C, Hi, Wi, generator=g, dtype=torch.float64).to(dtype)
+    grid = ((torch.rand(B, Ho, Wo, 2, generator=g, dtype=torch.float64) * 2 - 1) * spread).to(dtype)
+    occ = torch.rand(B, 1, Ho, Wo, generator=g, dtype=torch.float64).to(dtype) if occlusion else None
+    return x, grid, occ
+
+
+SHAPES = [
+    (1, 1, 1, 1, 1, 1),
+    (2, 3, 7, 11, 5, 13),
+    (3, 17, 13, 5, 11, 7),     # channels not a multiple of any vector width
+    (1, 33, 16, 16, 16, 16),
+    (2, 4, 64, 64, 31, 29),
+]
+
+
+def test_reference_is_grid_sample_times_occlusion():
+    x, grid, occ = make_inputs(2, 3, 9, 8, 7, 6)
+    assert torch.equal(warp_occlusion(x, grid, occ, backend="reference"), oracle(x, grid, occ))
+    assert torch.equal(warp_occlusion(x, grid, None, backend="reference"), oracle(x, grid, None))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("with_occ", [True, False])
+def test_forward_matches_oracle(backend, shape, with_occ, poison_outputs):
+    x, grid, occ = make_inputs(*shape, occlusion=with_occ)
+    out = warp_occlusion(x, grid, occ, backend=backend)
+    assert out.shape == (shape[0], shape[1], shape[4], shape[5])
+    assert torch.isfinite(out).all(), "kernel left elements unwritten (NaN poison)"
+    assert rel_err(out, oracle(x, grid, occ)) < 1e-5
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_far_out_of_range_and_boundary_grids(backend, poison_outputs):
+    x, _, occ = make_inputs(2, 5, 6, 7, 4, 9)
+    grid = torch.empty(2, 4, 9, 2)
+    values = torch.tensor([-1e6, -50.0, -1.0 - 1 / 7, -1.0, -1 + 1 / 7, 0.0, 1 - 1 / 7, 1.0, 1 + 1 / 7, 50.0, 1e6,
+                           float("inf"), float("-inf")])
+    g = torch.Generator().manual_seed(3)
+    grid.copy_(values[torch.randint(len(values), grid.shape, generator=g)])
+    out = warp_occlusion(x, grid, occ, backend=backend)
+    expected = oracle(x, grid.clamp(-1e6, 1e6), occ)  # grid_sample's own inf handling is undefined
+    assert torch.isfinite(out).all()
+    assert rel_err(out, expected) < 1e-5
+    outside = (grid.abs() > 2).any(-1).unsqueeze(1).expand_as(out)
+    assert (out[outside] == 0).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_occlusion_exactly_zero_and_one(backend):
+    x, grid, _ = make_inputs(2, 6, 8, 8, 8, 8)
+    ones, zeros = torch.ones(2, 1, 8, 8), torch.zeros(2, 1, 8, 8)
+    assert rel_err(warp_occlusion(x, grid, ones, backend=backend), oracle(x, grid, None)) < 1e-6
+    assert (warp_occlusion(x, grid, zeros, backend=backend) == 0).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_layouts_without_changing_results(backend):
+    x, grid, occ = make_inputs(2, 8, 12, 10, 9, 11)
+    expected = oracle(x, grid, occ)
+    x_cl = x.contiguous(memory_format=torch.channels_last)
+    grid_nc = grid.transpose(1, 2).contiguous().transpose(1, 2)  # same values, non-contiguous strides
+    occ_nc = occ.expand(2, 3, 9, 11)[:, 1:2]
+    x_sliced = torch.randn(2, 16, 12, 20)[:, ::2, :, ::2]
+    x_sliced.copy_(x)
+    for xi in (x_cl, x_sliced):
+        assert not xi.is_contiguous()
+        assert rel_err(warp_occlusion(xi, grid_nc, occ_nc, backend=backend), expected) < 1e-5
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_batch_zero_and_channel_zero(backend):
+    x, grid, occ = make_inputs(0, 3, 5, 5, 4, 4)
+    assert warp_occlusion(x, grid, occ, backend=backend).shape == (0, 3, 4, 4)
+    x = torch.randn(2, 0, 5, 5, requires_grad=True)
+    grid = torch.rand(2, 4, 4, 2, requires_grad=True)
+    out = warp_occlusion(x, grid, None, backend=backend)
+    assert out.shape == (2, 0, 4, 4)
+    out.sum().backward()
+    assert (grid.grad == 0).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", SHAPES[1:])
+def test_backward_matches_oracle(backend, shape, poison_outputs):
+    x, grid, occ = make_inputs(*shape, spread=1.2, seed=5)
+    grad_out = torch.randn(shape[0], shape[1], shape[4], shape[5], generator=torch.Generator().manual_seed(9))
+    leaves = [t.clone().requires_grad_() for t in (x, grid, occ)]
+    warp_occlusion(*leaves, backend=backend).backward(grad_out)
+    ref = [t.clone().requires_grad_() for t in (x, grid, occ)]
+    oracle(*ref).backward(grad_out)
+    for name, got, want in zip(("input", "grid", "occlusion"), leaves, ref):
+        assert torch.isfinite(got.grad).all(), name
+        assert rel_err(got.grad, want.grad) < 1e-5, name
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_backward_only_some_inputs(backend):
+    x, grid, occ = make_inputs(2, 3, 6, 6, 5, 5)
+    grid.requires_grad_()
+    warp_occlusion(x, grid, occ, backend=backend).sum().backward()
+    g_ref = grid.detach().clone().requires_grad_()
+    oracle(x, g_ref, occ).sum().backward()
+    assert rel_err(grid.grad, g_ref.grad) < 1e-5
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gradcheck_float64(backend):
+    x, grid, occ = make_inputs(2, 3, 5, 6, 4, 3, dtype=torch.float64, spread=1.1, seed=11)
+    # keep grid points away from pixel-centre kinks, where the bilinear map is not differentiable
+    inputs = [t.requires_grad_() for t in (x, grid, occ)]
+    assert torch.autograd.gradcheck(lambda a, b, c: warp_occlusion(a, b, c, backend=backend), inputs)
+    assert torch.autograd.gradcheck(lambda a, b: warp_occlusion(a, b, None, backend=backend), inputs[:2])
+
+
+@pytest.mark.parametrize("backend", COMPILED)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_forward_and_backward(backend, dtype):
+    x, grid, occ = make_inputs(2, 9, 10, 12, 7, 8, dtype=dtype)
+    out = warp_occlusion(x, grid, occ, backend=backend)
+    assert out.dtype == dtype
+    exact = oracle(x.double(), grid.double(), occ.double())
+    ours, torchs = rel_err(out, exact), rel_err(oracle(x, grid, occ), exact)
+    assert ours <= 2 * torchs + 1e-3
+    leaves = [t.clone().requires_grad_() for t in (x, grid, occ)]
+    warp_occlusion(*leaves, backend=backend).sum().backward()
+    ref = [t.double().requires_grad_() for t in (x, grid, occ)]
+    oracle(*ref).sum().backward()
+    for got, want in zip(leaves, ref):
+        assert got.grad.dtype == dtype
+        assert rel_err(got.grad, want.grad) < 3e-2
+
+
+@pytest.mark.parametrize("backend", COMPILED)
+def test_deterministic_bitwise(backend):
+    x, grid, occ = make_inputs(3, 16, 20, 20, 24, 24, spread=0.6, seed=2)  # many pixels share taps
+    runs = []
+    for _ in range(2):
+        leaves = [t.clone().requires_grad_() for t in (x, grid, occ)]
+        out = warp_occlusion(*leaves, backend=backend)
+        out.backward(torch.ones_like(out))
+        runs.append([out.detach()] + [t.grad for t in leaves])
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+def test_opcheck_custom_ops():
+    x, grid, occ = make_inputs(2, 3, 5, 6, 4, 3, dtype=torch.float64)
+    for backend in BACKENDS:
+        args = (x.requires_grad_(), grid.requires_grad_(), occ.requires_grad_(), backend)
+        torch.library.opcheck(torch.ops.dagan_fast.warp_occlusion.default, args)
+        torch.library.opcheck(torch.ops.dagan_fast.warp_occlusion.default, (x, grid, None, backend))
+        grad = torch.randn(2, 3, 4, 3, dtype=torch.float64)
+        torch.library.opcheck(torch.ops.dagan_fast.warp_occlusion_backward.default,
+                              (grad, x.detach(), grid.detach(), occ.detach(), backend, [True, True, True]))
+        torch.library.opcheck(torch.ops.dagan_fast.warp_occlusion_backward.default,
+                              (grad, x.detach(), grid.detach(), None, backend, [False, True, False]))
+
+
+@pytest.mark.skipif(not COMPILED, reason="compiled library not built")
+def test_opcheck_compiled_kernels():
+    x, grid, occ = make_inputs(2, 3, 5, 6, 4, 3)
+    torch.library.opcheck(torch.ops.dagan_fast.warp_occlusion_fwd.default, (x, grid, occ))
+    grad = torch.randn(2, 3, 4, 3)
+    torch.library.opcheck(torch.ops.dagan_fast.warp_occlusion_bwd.default, (grad, x, grid, occ, [True, True, True]))
+
+
+@pytest.mark.skipif(not COMPILED, reason="compiled library not built")
+def test_compiled_kernel_checks_its_arguments():
+    x, grid, occ = make_inputs(2, 3, 5, 6, 4, 3)
+    with pytest.raises(RuntimeError, match="occlusion must be"):
+        torch.ops.dagan_fast.warp_occlusion_fwd(x, grid, occ[:, :, :2])
+    with pytest.raises(RuntimeError, match="grid batch"):
+        torch.ops.dagan_fast.warp_occlusion_fwd(x, grid[:1], None)
+
+
+@pytest.mark.parametrize("call, error, match", [
+    (lambda x, g, o: warp_occlusion(x[0], g, o), ValueError, r"input must be 4-D .*got shape \(3, 5, 6\)"),
+    (lambda x, g, o: warp_occlusion(x, g[..., :1], o), ValueError, r"grid must be \(B,Ho,Wo,2\)"),
+    (lambda x, g, o: warp_occlusion(x, g[:1], o), ValueError, r"grid batch 1 != input batch 2"),
+    (lambda x, g, o: warp_occlusion(x, g, o[:, :, :3]), ValueError, r"occlusion must be \(B,1,Ho,Wo\)"),
+    (lambda x, g, o: warp_occlusion(x.to(torch.uint8), g, o), TypeError, r"input must be a floating tensor.*uint8"),
+    (lambda x, g, o: warp_occlusion(x, g.double(), o), TypeError, r"grid has dtype torch.float64"),
+    (lambda x, g, o: warp_occlusion(x.numpy(), g, o), TypeError, r"input must be a torch.Tensor"),
+    (lambda x, g, o: warp_occlusion(x, g, o.to("meta")), ValueError, r"occlusion is on meta"),
+    (lambda x, g, o: warp_occlusion(x.index_fill(1, torch.tensor([1]), float("nan")), g, o), ValueError,
+     r"input contains \d+ NaN"),
+    (lambda x, g, o: warp_occlusion(x, g.index_fill(1, torch.tensor([0]), float("nan")), o), ValueError,
+     r"grid contains \d+ NaN"),
+    (lambda x, g, o: warp_occlusion(x, g, o, backend="cuda"), BackendError, r"backend='cuda' cannot run"),
+    (lambda x, g, o: warp_occlusion(x, g, o, backend="fast"), ValueError, r"unknown backend 'fast'"),
+    (lambda x, g, o: warp_occlusion(x[:, :, :0], g, o), ValueError, r"at least 1x1"),
+])
+def test_bad_input_errors_name_the_argument(call, error, match):
+    x, grid, occ = make_inputs(2, 3, 5, 6, 4, 3)
+    with pytest.raises(error, match=match):
+        call(x, grid, occ)
+
+
+def test_value_checks_can_be_skipped():
+    x, grid, occ = make_inputs(1, 2, 4, 4, 3, 3)
+    x[0, 0, 0, 0] = float("nan")
+    with dagan_fast.ops.skip_value_checks():
+        out = warp_occlusion(x, grid, occ, backend="reference")
+    assert out.shape == (1, 2, 3, 3)
+
+
+@gpu
+@pytest.mark.gpu
+def test_cuda_matches_reference():
+    x, grid, occ = (t.cuda() for t in make_inputs(2, 19, 33, 31, 29, 37))
+    leaves = [t.clone().requires_grad_() for t in (x, grid, occ)]
+    out = warp_occlusion(*leaves, backend="cuda")
+    g = torch.randn_like(out)
+    out.backward(g)
+    ref = [t.clone().requires_grad_() for t in (x, grid, occ)]
+    expected = oracle(*ref)
+    expected.backward(g)
+    assert rel_err(out, expected) < 1e-5
+    for a, b in zip(leaves, ref):
+        assert rel_err(a.grad, b.grad) < 1e-5
