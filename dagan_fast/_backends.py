@@ -117,7 +117,7 @@ class CppCpuBackend(Backend):
         return None if device.type == "cpu" else f"runs on CPU tensors, got {device.type}"
 
     def describe(self) -> str:
-        return f"C++ CPU kernels ({torch.get_num_threads()} threads) from {extension().path}"
+        return f"C++ CPU kernels from {extension().path} (torch threads: {torch.get_num_threads()})"
 
 
 class CudaBackend(Backend):

@@ -1,6 +1,14 @@
 // CPU kernels of dagan_fast::warp_occlusion_fwd / _bwd: grid_sample(bilinear, zeros,
-// align_corners=False) times an optional occlusion map, any strides, deterministic.
+// align_corners=False) times an optional occlusion map; any input strides, deterministic.
+//
+// Layout of the work: output pixels are processed in row tiles of kTile pixels. The taps of a tile
+// (offsets, weights, validity, occlusion) are computed once, then every channel runs a tight loop
+// over the tile: contiguous output writes and, for NCHW and channels_last inputs alike, input cache
+// lines that stay in L1 from one channel to the next.
 #include "warp_occlusion.h"
+
+#include <algorithm>
+#include <type_traits>
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -15,116 +23,175 @@ namespace dagan_fast {
 namespace cpu {
 namespace {
 
-using warp::BilinearTaps;
 using warp::WarpGeometry;
 
-template <typename scalar_t, typename acc_t>
-struct PixelTaps {
-  BilinearTaps<acc_t> taps;
-  acc_t occlusion;
+constexpr int64_t kTile = 64;
+
+template <typename acc_t>
+struct TapTile {
+  int64_t count = 0;
+  bool all_valid = true;
+  int64_t offset[4][kTile];
+  acc_t weight[4][kTile];
+  bool valid[4][kTile];
+  acc_t frac_x[kTile], frac_y[kTile];
+  acc_t occlusion[kTile];
 };
 
+// Taps of output pixels (b, y, x0 .. x0+count-1) for a plane with strides (stride_h, stride_w).
 template <typename scalar_t, typename acc_t>
-inline PixelTaps<scalar_t, acc_t> pixel_taps(const WarpGeometry& g, const scalar_t* grid,
-                                             const scalar_t* occ, int64_t b, int64_t y, int64_t x,
-                                             int64_t stride_h, int64_t stride_w) {
-  const scalar_t* gp = grid + b * g.grid_stride[0] + y * g.grid_stride[1] + x * g.grid_stride[2];
-  PixelTaps<scalar_t, acc_t> p;
-  p.taps = warp::bilinear_taps<acc_t>(static_cast<acc_t>(gp[0]), static_cast<acc_t>(gp[g.grid_stride[3]]),
-                                      g.in_h, g.in_w, stride_h, stride_w);
-  p.occlusion = occ ? static_cast<acc_t>(occ[b * g.occ_stride[0] + y * g.occ_stride[2] + x * g.occ_stride[3]])
-                    : acc_t(1);
-  return p;
+void fill_tile(TapTile<acc_t>& t, const WarpGeometry& g, const scalar_t* grid, const scalar_t* occ, int64_t b,
+               int64_t y, int64_t x0, int64_t count, int64_t stride_h, int64_t stride_w) {
+  t.count = count;
+  t.all_valid = true;
+  const scalar_t* gp = grid + b * g.grid_stride[0] + y * g.grid_stride[1];
+  const scalar_t* op = occ ? occ + b * g.occ_stride[0] + y * g.occ_stride[2] : nullptr;
+  for (int64_t i = 0; i < count; ++i) {
+    const int64_t x = x0 + i;
+    const auto taps = warp::bilinear_taps<acc_t>(static_cast<acc_t>(gp[x * g.grid_stride[2]]),
+                                                 static_cast<acc_t>(gp[x * g.grid_stride[2] + g.grid_stride[3]]),
+                                                 g.in_h, g.in_w, stride_h, stride_w);
+    for (int k = 0; k < 4; ++k) {
+      t.offset[k][i] = taps.offset[k];
+      t.weight[k][i] = taps.weight[k];
+      t.valid[k][i] = taps.valid[k];
+      t.all_valid = t.all_valid && taps.valid[k];
+    }
+    t.frac_x[i] = taps.frac_x;
+    t.frac_y[i] = taps.frac_y;
+    t.occlusion[i] = op ? static_cast<acc_t>(op[x * g.occ_stride[3]]) : acc_t(1);
+  }
 }
 
+// The four tap values of tile pixel i in one input plane; invalid taps read as zero (never loaded
+// through a weight of zero, so inf in the input cannot become NaN).
 template <typename scalar_t, typename acc_t>
-inline void tap_values(const BilinearTaps<acc_t>& t, const scalar_t* plane, acc_t v[4]) {
-  for (int i = 0; i < 4; ++i) v[i] = t.valid[i] ? static_cast<acc_t>(plane[t.offset[i]]) : acc_t(0);
+inline void tap_values(const TapTile<acc_t>& t, const scalar_t* plane, int64_t i, acc_t v[4]) {
+  for (int k = 0; k < 4; ++k) v[k] = t.valid[k][i] ? static_cast<acc_t>(plane[t.offset[k][i]]) : acc_t(0);
 }
-
-// Rows of the output at a time: enough work per task to hide scheduling cost at 64x64.
-constexpr int64_t kGrainRows = 4;
 
 template <typename scalar_t>
-void forward_kernel(const WarpGeometry& g, const scalar_t* input, const scalar_t* grid,
-                    const scalar_t* occ, scalar_t* out) {
+void forward_kernel(const WarpGeometry& g, const scalar_t* input, const scalar_t* grid, const scalar_t* occ,
+                    scalar_t* out) {
   using acc_t = at::opmath_type<scalar_t>;
-  at::parallel_for(0, g.batch * g.out_h, kGrainRows, [&](int64_t begin, int64_t end) {
-    for (int64_t row = begin; row < end; ++row) {
-      const int64_t b = row / g.out_h, y = row % g.out_h;
-      for (int64_t x = 0; x < g.out_w; ++x) {
-        const auto p = pixel_taps<scalar_t, acc_t>(g, grid, occ, b, y, x, g.in_stride[2], g.in_stride[3]);
-        const scalar_t* in_b = input + b * g.in_stride[0];
-        scalar_t* out_p = out + b * g.out_stride[0] + y * g.out_stride[2] + x * g.out_stride[3];
-        for (int64_t c = 0; c < g.channels; ++c) {
-          acc_t v[4];
-          tap_values(p.taps, in_b + c * g.in_stride[1], v);
-          const acc_t s = warp::bilinear_value(p.taps, v[0], v[1], v[2], v[3]);
-          out_p[c * g.out_stride[1]] = static_cast<scalar_t>(s * p.occlusion);
+  const int64_t tiles_per_row = (g.out_w + kTile - 1) / kTile;
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, g.channels * kTile));
+  at::parallel_for(0, g.batch * g.out_h * tiles_per_row, grain, [&](int64_t begin, int64_t end) {
+    TapTile<acc_t> t;
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / (g.out_h * tiles_per_row);
+      const int64_t y = (task / tiles_per_row) % g.out_h;
+      const int64_t x0 = (task % tiles_per_row) * kTile;
+      const int64_t n = std::min(kTile, g.out_w - x0);
+      fill_tile<scalar_t, acc_t>(t, g, grid, occ, b, y, x0, n, g.in_stride[2], g.in_stride[3]);
+      const scalar_t* in_b = input + b * g.in_stride[0];
+      scalar_t* out_row = out + b * g.out_stride[0] + y * g.out_stride[2] + x0 * g.out_stride[3];
+      for (int64_t c = 0; c < g.channels; ++c) {
+        const scalar_t* plane = in_b + c * g.in_stride[1];
+        scalar_t* o = out_row + c * g.out_stride[1];
+        if (t.all_valid) {
+          for (int64_t i = 0; i < n; ++i) {
+            const acc_t s = t.weight[0][i] * static_cast<acc_t>(plane[t.offset[0][i]]) +
+                            t.weight[1][i] * static_cast<acc_t>(plane[t.offset[1][i]]) +
+                            t.weight[2][i] * static_cast<acc_t>(plane[t.offset[2][i]]) +
+                            t.weight[3][i] * static_cast<acc_t>(plane[t.offset[3][i]]);
+            o[i * g.out_stride[3]] = static_cast<scalar_t>(s * t.occlusion[i]);
+          }
+        } else {
+          for (int64_t i = 0; i < n; ++i) {
+            acc_t v[4];
+            tap_values(t, plane, i, v);
+            const acc_t s = t.weight[0][i] * v[0] + t.weight[1][i] * v[1] + t.weight[2][i] * v[2] +
+                            t.weight[3][i] * v[3];
+            o[i * g.out_stride[3]] = static_cast<scalar_t>(s * t.occlusion[i]);
+          }
         }
       }
     }
   });
 }
 
-// Pass 1 of the backward: per output pixel, the grid and occlusion gradients (a sum over channels).
+// Pass 1 of the backward: per output pixel, the grid and occlusion gradients (sums over channels).
 template <typename scalar_t>
 void grid_occlusion_grad_kernel(const WarpGeometry& g, const scalar_t* grad_out, const scalar_t* input,
                                 const scalar_t* grid, const scalar_t* occ, scalar_t* grad_grid,
                                 scalar_t* grad_occ) {
   using acc_t = at::opmath_type<scalar_t>;
   const acc_t sx = warp::grid_coord_scale<acc_t>(g.in_w), sy = warp::grid_coord_scale<acc_t>(g.in_h);
-  at::parallel_for(0, g.batch * g.out_h, kGrainRows, [&](int64_t begin, int64_t end) {
-    for (int64_t row = begin; row < end; ++row) {
-      const int64_t b = row / g.out_h, y = row % g.out_h;
-      for (int64_t x = 0; x < g.out_w; ++x) {
-        const auto p = pixel_taps<scalar_t, acc_t>(g, grid, occ, b, y, x, g.in_stride[2], g.in_stride[3]);
-        const scalar_t* in_b = input + b * g.in_stride[0];
-        const scalar_t* go = grad_out + b * g.out_stride[0] + y * g.out_stride[2] + x * g.out_stride[3];
-        acc_t gix = 0, giy = 0, gocc = 0;
-        for (int64_t c = 0; c < g.channels; ++c) {
+  const int64_t tiles_per_row = (g.out_w + kTile - 1) / kTile;
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, g.channels * kTile));
+  at::parallel_for(0, g.batch * g.out_h * tiles_per_row, grain, [&](int64_t begin, int64_t end) {
+    TapTile<acc_t> t;
+    acc_t gix[kTile], giy[kTile], gocc[kTile];
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / (g.out_h * tiles_per_row);
+      const int64_t y = (task / tiles_per_row) % g.out_h;
+      const int64_t x0 = (task % tiles_per_row) * kTile;
+      const int64_t n = std::min(kTile, g.out_w - x0);
+      fill_tile<scalar_t, acc_t>(t, g, grid, occ, b, y, x0, n, g.in_stride[2], g.in_stride[3]);
+      std::fill(gix, gix + n, acc_t(0));
+      std::fill(giy, giy + n, acc_t(0));
+      std::fill(gocc, gocc + n, acc_t(0));
+      const scalar_t* in_b = input + b * g.in_stride[0];
+      const scalar_t* go_row = grad_out + b * g.out_stride[0] + y * g.out_stride[2] + x0 * g.out_stride[3];
+      for (int64_t c = 0; c < g.channels; ++c) {
+        const scalar_t* plane = in_b + c * g.in_stride[1];
+        const scalar_t* go = go_row + c * g.out_stride[1];
+        for (int64_t i = 0; i < n; ++i) {
           acc_t v[4];
-          tap_values(p.taps, in_b + c * g.in_stride[1], v);
-          const acc_t go_c = static_cast<acc_t>(go[c * g.out_stride[1]]);
-          gocc += go_c * warp::bilinear_value(p.taps, v[0], v[1], v[2], v[3]);
-          warp::accumulate_coord_grad(p.taps, v[0], v[1], v[2], v[3], go_c * p.occlusion, gix, giy);
+          tap_values(t, plane, i, v);
+          const acc_t gv = static_cast<acc_t>(go[i * g.out_stride[3]]);
+          gocc[i] += gv * (t.weight[0][i] * v[0] + t.weight[1][i] * v[1] + t.weight[2][i] * v[2] +
+                           t.weight[3][i] * v[3]);
+          const acc_t gs = gv * t.occlusion[i];
+          const acc_t fx = t.frac_x[i], fy = t.frac_y[i];
+          gix[i] += ((v[1] - v[0]) * (acc_t(1) - fy) + (v[3] - v[2]) * fy) * gs;
+          giy[i] += ((v[2] - v[0]) * (acc_t(1) - fx) + (v[3] - v[1]) * fx) * gs;
         }
-        const int64_t pix = (b * g.out_h + y) * g.out_w + x;  // outputs are contiguous
+      }
+      const int64_t pix = (b * g.out_h + y) * g.out_w + x0;  // gradient outputs are contiguous
+      for (int64_t i = 0; i < n; ++i) {
         if (grad_grid) {
-          grad_grid[2 * pix] = static_cast<scalar_t>(gix * sx);
-          grad_grid[2 * pix + 1] = static_cast<scalar_t>(giy * sy);
+          grad_grid[2 * (pix + i)] = static_cast<scalar_t>(gix[i] * sx);
+          grad_grid[2 * (pix + i) + 1] = static_cast<scalar_t>(giy[i] * sy);
         }
-        if (grad_occ) grad_occ[pix] = static_cast<scalar_t>(gocc);
+        if (grad_occ) grad_occ[pix + i] = static_cast<scalar_t>(gocc[i]);
       }
     }
   });
 }
 
 // Pass 2: the input gradient. Each task owns whole (b, channel-block) planes of grad_input, so the
-// scatter needs no atomics and the summation order is fixed: bitwise deterministic.
+// scatter needs no atomics and every element sums in output-pixel order whatever the thread count:
+// bitwise deterministic.
 template <typename scalar_t, typename acc_t>
-void input_grad_kernel(const WarpGeometry& g, const scalar_t* grad_out, const scalar_t* grid,
-                       const scalar_t* occ, acc_t* grad_in /* contiguous (B,C,Hi,Wi) */) {
+void input_grad_kernel(const WarpGeometry& g, const scalar_t* grad_out, const scalar_t* grid, const scalar_t* occ,
+                       acc_t* grad_in /* zeroed, contiguous (B,C,Hi,Wi) */) {
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
-  const int64_t blocks_per_batch =
-      std::max<int64_t>(1, std::min<int64_t>(g.channels, (threads * 4 + g.batch - 1) / std::max<int64_t>(g.batch, 1)));
+  const int64_t batch = std::max<int64_t>(1, g.batch);
+  const int64_t blocks_per_batch = std::max<int64_t>(1, std::min<int64_t>(g.channels, (threads * 4 + batch - 1) / batch));
   const int64_t block_c = (g.channels + blocks_per_batch - 1) / blocks_per_batch;
   const int64_t plane = g.in_h * g.in_w;
+  const int64_t tiles_per_row = (g.out_w + kTile - 1) / kTile;
   at::parallel_for(0, g.batch * blocks_per_batch, 1, [&](int64_t begin, int64_t end) {
+    TapTile<acc_t> t;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / blocks_per_batch;
       const int64_t c0 = (task % blocks_per_batch) * block_c;
       const int64_t c1 = std::min(g.channels, c0 + block_c);
-      if (c0 >= c1) continue;
-      for (int64_t y = 0; y < g.out_h; ++y) {
-        for (int64_t x = 0; x < g.out_w; ++x) {
-          const auto p = pixel_taps<scalar_t, acc_t>(g, grid, occ, b, y, x, g.in_w, 1);  // grad_in strides
-          const scalar_t* go = grad_out + b * g.out_stride[0] + y * g.out_stride[2] + x * g.out_stride[3];
+      for (int64_t y = 0; y < g.out_h && c0 < c1; ++y) {
+        for (int64_t tile = 0; tile < tiles_per_row; ++tile) {
+          const int64_t x0 = tile * kTile, n = std::min(kTile, g.out_w - x0);
+          fill_tile<scalar_t, acc_t>(t, g, grid, occ, b, y, x0, n, g.in_w, 1);
+          const scalar_t* go_row = grad_out + b * g.out_stride[0] + y * g.out_stride[2] + x0 * g.out_stride[3];
           for (int64_t c = c0; c < c1; ++c) {
-            const acc_t gs = static_cast<acc_t>(go[c * g.out_stride[1]]) * p.occlusion;
+            const scalar_t* go = go_row + c * g.out_stride[1];
             acc_t* gi = grad_in + (b * g.channels + c) * plane;
-            for (int i = 0; i < 4; ++i) {
-              if (p.taps.valid[i]) gi[p.taps.offset[i]] += p.taps.weight[i] * gs;
+            for (int64_t i = 0; i < n; ++i) {
+              const acc_t gs = static_cast<acc_t>(go[i * g.out_stride[3]]) * t.occlusion[i];
+              for (int k = 0; k < 4; ++k) {
+                if (t.valid[k][i]) gi[t.offset[k][i]] += t.weight[k][i] * gs;
+              }
             }
           }
         }
