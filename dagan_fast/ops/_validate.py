@@ -85,6 +85,20 @@ def finite(op: str, name: str, t: Optional[torch.Tensor], allow_inf: bool = Fals
         raise ValueError(f"{op}: {name} contains {count} {what} value(s) ({describe(t)}); inputs must be finite")
 
 
+def real_scalar(op: str, name: str, value, *, positive: bool = False) -> float:
+    """A finite real number (Python or NumPy scalar, not bool, not a tensor) as a float."""
+    import numbers
+    import math
+
+    if isinstance(value, bool) or isinstance(value, torch.Tensor) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{op}: {name} must be a finite real number, got {value!r} ({type(value).__name__})")
+    value = float(value)
+    if not math.isfinite(value) or (positive and value <= 0):
+        need = "a positive finite number" if positive else "finite"
+        raise ValueError(f"{op}: {name} must be {need}, got {value!r}")
+    return value
+
+
 def size_match(op: str, what: str, got, expected, hint: str) -> None:
     if got != expected:
         raise ValueError(f"{op}: {what} is {got} but must be {expected} ({hint})")

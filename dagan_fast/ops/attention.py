@@ -77,10 +77,7 @@ def check_attention_args(q, k, v, scale, op: str = OP) -> float:
     if q.shape[3] < 1 or v.shape[3] < 1:
         raise ValueError(f"{op}: Dqk and Dv must be >= 1, got q {tuple(q.shape)}, v {tuple(v.shape)}")
     _validate.same_dtype_device(op, [("q", q), ("k", k), ("v", v)])
-    if scale is None:
-        scale = 1.0 / math.sqrt(q.shape[3])
-    if isinstance(scale, torch.Tensor) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
-        raise TypeError(f"{op}: scale must be a finite Python float or None, got {scale!r}")
+    scale = 1.0 / math.sqrt(q.shape[3]) if scale is None else _validate.real_scalar(op, "scale", scale)
     for name, t in (("q", q), ("k", k), ("v", v)):
         _validate.finite(op, name, t)
     return float(scale)

@@ -3,7 +3,6 @@
 ``dagan_fast::dense_motion`` (mask softmax + motion mixture)."""
 from __future__ import annotations
 
-import math
 from typing import List, Optional, Tuple
 
 import torch
@@ -161,12 +160,10 @@ def sparse_motion_inputs(source: Tensor, kp_source: Tensor, jac_source: Optional
     check_keypoint_args(op, source.shape[0], kp_source, jac_source, kp_driving, jac_driving)
     _validate.same_dtype_device(op, [("source", source), ("kp_source", kp_source), ("jac_source", jac_source),
                                      ("kp_driving", kp_driving), ("jac_driving", jac_driving)])
-    if isinstance(variance, torch.Tensor) or not isinstance(variance, (int, float)) or not (
-            math.isfinite(variance) and variance > 0):
-        raise ValueError(f"{op}: variance must be a positive finite float, got {variance!r}")
+    variance = _validate.real_scalar(op, "variance", variance, positive=True)
     _validate.finite(op, "source", source)
     chosen = _backends.select_backend(op, [source], backend)
-    return _sparse_op(source, kp_source, jac_source, kp_driving, jac_driving, float(variance), chosen.name)
+    return _sparse_op(source, kp_source, jac_source, kp_driving, jac_driving, variance, chosen.name)
 
 
 def dense_motion(mask_logits: Tensor, kp_source: Tensor, jac_source: Optional[Tensor], kp_driving: Tensor,

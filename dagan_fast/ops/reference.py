@@ -31,6 +31,23 @@ def _empty_grad(like: Tensor) -> Tensor:
     return like.new_empty((0,))
 
 
+def _low_precision(dtype: torch.dtype) -> bool:
+    return dtype in (torch.float16, torch.bfloat16)
+
+
+def _upcast(*tensors: Optional[Tensor]):
+    return [t.float() if t is not None else None for t in tensors]
+
+
+def _to_finite(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """Casts to ``dtype``, clamping to its finite range: far-away motion coordinates (a near-singular
+    Jacobian gives ~1e6) must not become inf in float16."""
+    if t.dtype == dtype:
+        return t
+    limit = torch.finfo(dtype).max
+    return t.clamp(-limit, limit).to(dtype)
+
+
 # --------------------------------------------------------------------------------------------
 # warp_occlusion
 # --------------------------------------------------------------------------------------------
@@ -298,7 +315,11 @@ def sparse_motion_inputs(source: Tensor, kp_source: Tensor, jac_source: Optional
 
     source (B,C,H,W), kp (B,K,2), jac (B,K,2,2) or None -> (B,(K+1)(C+1),H,W) ordered, for k = 0..K,
     [heat_k, source_c warped by T_k for c = 0..C-1]; heat_0 = 0, heat_k = G(kp_d_k) - G(kp_s_k).
+    Float16/bfloat16 inputs are computed in float32 and rounded once at the end.
     """
+    if _low_precision(source.dtype):  # motion math in float32, see _to_finite
+        args = _upcast(source, kp_source, jac_source, kp_driving, jac_driving)
+        return _to_finite(sparse_motion_inputs(*args, variance), source.dtype)
     B, C, H, W = source.shape
     K = kp_source.shape[1]
     grid = make_coordinate_grid(H, W, source.dtype, source.device)
@@ -317,6 +338,10 @@ def sparse_motion_inputs_backward(grad: Tensor, source: Tensor, kp_source: Tenso
                                   output_mask: Sequence[bool]) -> Tuple[Tensor, ...]:
     """Gradients (source, kp_source, jac_source, kp_driving, jac_driving); empty where not asked
     for in ``output_mask`` or where the Jacobian is None."""
+    if _low_precision(source.dtype):
+        args = _upcast(grad, source, kp_source, jac_source, kp_driving, jac_driving)
+        grads = sparse_motion_inputs_backward(*args, variance, output_mask)
+        return tuple(_to_finite(g, source.dtype) for g in grads)
     B, C, H, W = source.shape
     K = kp_source.shape[1]
     grid = make_coordinate_grid(H, W, source.dtype, source.device)
@@ -368,6 +393,10 @@ def dense_motion_backward(grad_deformation: Tensor, grad_mask: Tensor, mask_logi
                           output_mask: Sequence[bool]) -> Tuple[Tensor, ...]:
     """Gradients (mask_logits, kp_source, jac_source, kp_driving, jac_driving) given the gradients of
     deformation (B,H,W,2) and mask (B,K+1,H,W); empty where not asked or the Jacobian is None."""
+    if _low_precision(mask_logits.dtype):
+        args = _upcast(grad_deformation, grad_mask, mask_logits, kp_source, jac_source, kp_driving, jac_driving)
+        grads = dense_motion_backward(*args, output_mask)
+        return tuple(_to_finite(g, mask_logits.dtype) for g in grads)
     B, K1, H, W = mask_logits.shape
     grid = make_coordinate_grid(H, W, mask_logits.dtype, mask_logits.device)
     mask = torch.softmax(mask_logits, dim=1)
