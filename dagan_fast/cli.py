@@ -100,7 +100,244 @@ def _run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-SUBCOMMANDS = (_add_demo,)  # later: animate, convert, webcam
+# --------------------------------------------------------------------------------------------
+# animate, webcam, convert
+# --------------------------------------------------------------------------------------------
+_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "fp64": "float64"}
+
+
+def _add_model_options(parser) -> None:
+    parser.add_argument("--checkpoint", metavar="FILE",
+                        help="the model: a dagan_fast .safetensors file (from 'dagan-fast convert'), or the authors' "
+                             ".pth.tar with --depth-encoder and --depth-decoder (required: no trained weights ship yet)")
+    parser.add_argument("--depth-encoder", metavar="ENCODER_PTH", help="official depth encoder (encoder.pth)")
+    parser.add_argument("--depth-decoder", metavar="DEPTH_PTH", help="official depth decoder (depth.pth)")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: %(default)s)")
+    parser.add_argument("--dtype", choices=sorted(_DTYPES), default="fp32",
+                        help="compute precision; fp16/bf16 need --device cuda (default: %(default)s)")
+    parser.add_argument("--size", type=_positive_int(64, 4096, "--size"), default=256, metavar="S",
+                        help="side the model runs at, a multiple of 128 for DaGAN (default: %(default)s)")
+    motion = parser.add_mutually_exclusive_group()
+    motion.add_argument("--relative", dest="relative", action="store_true", default=True,
+                        help="relative motion against a reference driving frame (default)")
+    motion.add_argument("--absolute", dest="relative", action="store_false",
+                        help="use the driving keypoints as they are")
+    parser.add_argument("--adapt-scale", action="store_true",
+                        help="scale the motion by the source/reference keypoint hull areas")
+    parser.add_argument("--crop", action="store_true",
+                        help="cut a fixed square window around the detected face of the source and of the driving "
+                             "frames (default: centre square)")
+    parser.add_argument("--smooth", action="store_true",
+                        help="One-Euro smoothing of the driving keypoints (less jitter)")
+    parser.add_argument("--threads", type=_positive_int(1, 1024, "--threads"), default=None, metavar="T",
+                        help="PyTorch CPU threads (default: PyTorch's choice)")
+
+
+def _make_animator(args, source_image, reference: str = "first"):
+    """The Animator for parsed options; user-fixable problems become CommandError."""
+    import torch
+
+    from .checkpoints import CheckpointError
+    from .streaming import MODEL_REQUIRED_MESSAGE, Animator
+
+    if not args.checkpoint:
+        raise CommandError(f"--checkpoint is required: {MODEL_REQUIRED_MESSAGE}")
+    if bool(args.depth_encoder) != bool(args.depth_decoder):
+        raise CommandError("--depth-encoder and --depth-decoder go together (the official depth files)")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        raise CommandError(f"--device {args.device!r} is not a device; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise CommandError(f"--device {args.device}: CUDA is not available here; use --device cpu")
+    if device.type not in ("cpu", "cuda"):
+        raise CommandError(f"--device {args.device}: only cpu and cuda are supported")
+    dtype = getattr(torch, _DTYPES[args.dtype])
+    if dtype in (torch.float16, torch.bfloat16) and device.type != "cuda":
+        raise CommandError(f"--dtype {args.dtype} needs --device cuda; use --dtype fp32 on the CPU")
+    smoothing = {"freq": getattr(args, "_fps", None)} if args.smooth else None
+    try:
+        return Animator(args.checkpoint, source_image, device=device, dtype=dtype, relative=args.relative,
+                        adapt_scale=args.adapt_scale, reference=reference, smoothing=smoothing, size=args.size,
+                        depth_encoder=args.depth_encoder, depth_decoder=args.depth_decoder)
+    except (CheckpointError, FileNotFoundError, ValueError, TypeError) as exc:
+        raise CommandError(str(exc)) from None
+
+
+def _add_animate(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "animate",
+        help="animate a portrait with a driving video",
+        description=("Animate the --source portrait with the head motion and expressions of the --driving video "
+                     "(DaGAN, relative motion by default) and write the result with the driving video's frame rate."),
+        epilog="Example: dagan-fast animate --source portrait.jpg --driving talk.mp4 --out result.mp4 "
+               "--checkpoint dagan.safetensors --crop --find-best-frame",
+    )
+    parser.add_argument("--source", required=True, metavar="IMAGE", help="the portrait to animate")
+    parser.add_argument("--driving", required=True, metavar="VIDEO",
+                        help="driving video (.mp4, .avi, ...), image folder or image")
+    parser.add_argument("--out", required=True, metavar="VIDEO",
+                        help="output .mp4/.avi, or a folder (path ending in '/') for PNG frames")
+    _add_model_options(parser)
+    parser.add_argument("--find-best-frame", action="store_true",
+                        help="reference = the driving frame (of the first 10) whose keypoints best match the source")
+    parser.add_argument("--side-by-side", action="store_true", help="write source | driving | result")
+    parser.add_argument("--batch-size", type=_positive_int(1, 256, "--batch-size"), default=1, metavar="B",
+                        help="frames per network call (offline throughput; default: %(default)s, streaming)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.set_defaults(handler=_run_animate)
+
+
+def _run_animate(args: argparse.Namespace) -> int:
+    import collections
+    import time
+
+    import numpy as np
+    import torch
+
+    from .face import NoFaceError, crop_window
+    from .video import VideoReader, VideoWriter, center_square, read_image, resize_square
+
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    if not args.checkpoint:
+        from .streaming import MODEL_REQUIRED_MESSAGE
+        raise CommandError(f"--checkpoint is required: {MODEL_REQUIRED_MESSAGE}")
+    try:
+        source = read_image(args.source, what=f"--source {args.source}")
+    except (FileNotFoundError, ValueError, TypeError) as exc:
+        raise CommandError(f"--source: {exc}") from None
+    try:
+        reader = VideoReader(args.driving)
+    except (FileNotFoundError, ValueError, TypeError) as exc:
+        raise CommandError(f"--driving: {exc}") from None
+    size = args.size
+    with reader:
+        try:
+            if args.crop:
+                source = crop_window(source, what=f"--source {args.source}").apply(source, size=size)
+                window = crop_window(args.driving, what=f"the first frames of --driving {args.driving}")
+                prepare = lambda f: window.apply(f, size=size)  # noqa: E731
+            else:
+                source = resize_square(np.ascontiguousarray(center_square(source)), size)
+                prepare = lambda f: resize_square(np.ascontiguousarray(center_square(f)), size)  # noqa: E731
+        except NoFaceError as exc:
+            raise CommandError(f"{exc}") from None
+        except ValueError as exc:
+            raise CommandError(str(exc)) from None
+        args._fps = reader.fps
+        animator = _make_animator(args, source, reference="best" if args.find_best_frame else "first")
+        try:
+            writer = VideoWriter(args.out, fps=reader.fps)
+        except (OSError, ValueError) as exc:
+            raise CommandError(f"--out: {exc}") from None
+        fed: collections.deque = collections.deque()
+
+        def driving_frames():
+            for frame in reader:
+                frame = prepare(frame)
+                if args.side_by_side:
+                    fed.append(frame)
+                yield frame
+
+        from tqdm.auto import tqdm
+
+        count = 0
+        began = time.perf_counter()
+        with writer, tqdm(total=reader.frame_count, unit="frame", disable=args.no_progress,
+                          desc="animate") as bar:
+            outputs = (animator.stream(driving_frames()) if args.batch_size == 1
+                       else animator.animate_video(driving_frames(), batch_size=args.batch_size))
+            try:
+                for out in outputs:
+                    if args.side_by_side:
+                        out = np.concatenate([source, fed.popleft(), out], axis=1)
+                    writer.write(out)
+                    count += 1
+                    bar.update(1)
+            except NoFaceError as exc:
+                raise CommandError(str(exc)) from None
+            except ValueError as exc:
+                raise CommandError(f"--driving {args.driving}: {exc}") from None
+        elapsed = time.perf_counter() - began
+    print(f"{count} frames in {elapsed:.1f} s ({count / max(elapsed, 1e-9):.2f} fps) -> {args.out}")
+    return 0
+
+
+def _add_webcam(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "webcam",
+        help="live animation: camera in, window out (needs a display)",
+        description=("Animate the --source portrait live with an OpenCV camera. Keys in the window: x re-anchors "
+                     "the reference to the current pose (look straight at the camera and press x), q or Esc quits."),
+    )
+    parser.add_argument("--source", required=True, metavar="IMAGE", help="the portrait to animate")
+    parser.add_argument("--camera", type=_positive_int(0, 1000, "--camera"), default=0, metavar="INDEX",
+                        help="OpenCV camera index (default: %(default)s)")
+    _add_model_options(parser)
+    parser.set_defaults(handler=_run_webcam)
+
+
+def _run_webcam(args: argparse.Namespace) -> int:
+    import cv2
+    import numpy as np
+    import torch
+
+    from .face import NoFaceError, crop_window
+    from .video import VideoReader, center_square, read_image, resize_square
+
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    if not args.checkpoint:
+        from .streaming import MODEL_REQUIRED_MESSAGE
+        raise CommandError(f"--checkpoint is required: {MODEL_REQUIRED_MESSAGE}")
+    try:
+        source = read_image(args.source, what=f"--source {args.source}")
+    except (FileNotFoundError, ValueError, TypeError) as exc:
+        raise CommandError(f"--source: {exc}") from None
+    try:
+        reader = VideoReader(args.camera)
+    except (ValueError, OSError) as exc:
+        raise CommandError(f"--camera {args.camera}: cannot open the camera ({exc})") from None
+    title = "dagan-fast webcam (x: re-anchor, q: quit)"
+    with reader:
+        try:
+            cv2.namedWindow(title)
+        except cv2.error:
+            raise CommandError("no display: this OpenCV cannot open windows (headless build, or no $DISPLAY); "
+                               "use 'dagan-fast animate' on a recorded video instead") from None
+        try:
+            if args.crop:
+                source = crop_window(source, what=f"--source {args.source}").apply(source, size=args.size)
+            else:
+                source = resize_square(np.ascontiguousarray(center_square(source)), args.size)
+        except NoFaceError as exc:
+            raise CommandError(str(exc)) from None
+        args._fps = None
+        animator = _make_animator(args, source, reference="first")
+        animator.face_crop = args.crop
+        try:
+            for out in animator.stream(reader):
+                cv2.imshow(title, cv2.cvtColor(out, cv2.COLOR_RGB2BGR))
+                key = cv2.waitKey(1) & 0xFF
+                if key in (ord("q"), 27):
+                    break
+                if key == ord("x"):
+                    animator.reset_reference()
+        except NoFaceError as exc:
+            raise CommandError(str(exc)) from None
+        finally:
+            cv2.destroyAllWindows()
+    return 0
+
+
+def _add_convert(subparsers) -> None:
+    from .convert import add_convert_parser
+
+    add_convert_parser(subparsers)
+
+
+SUBCOMMANDS = (_add_demo, _add_animate, _add_webcam, _add_convert)
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,0 +1,223 @@
+"""End-to-end latency: ``dagan_fast.Animator`` against the official-style PyTorch path, same weights, same inputs.
+
+    python benchmarks/latency.py [--model dagan|dagan-spade] [--device cpu|cuda] [--dtype fp32|fp16|bf16]
+                                 [--size 256] [--frames N] [--batch B] [--warmup W]
+
+Weights: random, non-trivial, calibrated official-layout weights (``tests/official_dagan.py``), written in the
+released file layout and loaded by ``DaGAN.from_official``: both paths run the very same numbers.
+
+* official-style path (``tests/official_dagan.py``, a transcription of the authors' code): per frame what the
+  authors' ``demo.py`` ``make_animation`` loop does: depth network and keypoints of the driving frame,
+  ``normalize_kp``, and the full generator forward, which re-encodes the source image and source depth every
+  frame and materialises the (1, N, N) attention (bmm + softmax), fp32 eager. Source depth/keypoints and the
+  initial frame's keypoints are computed once before the loop, as in ``demo.py`` (``--official-recompute-source``
+  recomputes them every frame too, a slower baseline).
+* fast path: ``Animator.stream`` (``optimize_for_inference()`` folding, cached source work, fused ops).
+* batched: ``Animator.animate_video(batch_size=B)`` throughput.
+
+Per-frame times (p50, p95, max, FPS) after warm-up; CUDA events on a GPU. Prints a table, then the speed-up
+ratio as the last line, and appends a row to ``benchmarks/results/latency.csv`` with provenance.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
+
+from _common import append_csv, device_name, versions  # noqa: E402
+
+
+def percentile(xs, q):
+    return float(np.percentile(np.asarray(xs), q))
+
+
+class Timer:
+    """Per-call wall time (ms), with CUDA events on a GPU."""
+
+    def __init__(self, device):
+        self.device = device
+
+    def __call__(self, fn):
+        if self.device.type == "cuda":
+            start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            out = fn()
+            stop.record()
+            stop.synchronize()
+            return out, start.elapsed_time(stop)
+        t0 = time.perf_counter()
+        out = fn()
+        return out, (time.perf_counter() - t0) * 1e3
+
+
+def driving_clip(official, n, size):
+    """n (1,3,S,S) float frames: the astronaut face with a smooth synthetic head motion (shift + zoom)."""
+    import torch.nn.functional as F
+
+    face = official.astronaut_face(size)
+    frames = []
+    for i in range(n):
+        t = 2 * np.pi * i / max(n, 1)
+        theta = torch.tensor([[[1.0 + 0.05 * np.cos(t), 0.05 * np.sin(t), 0.06 * np.sin(2 * t)],
+                               [-0.05 * np.sin(t), 1.0 + 0.05 * np.cos(t), 0.04 * np.cos(t)]]], dtype=torch.float32)
+        grid = F.affine_grid(theta, face.shape, align_corners=False)
+        frames.append(F.grid_sample(face, grid, padding_mode="border", align_corners=False).clamp(0, 1))
+    return face, frames
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", choices=("dagan", "dagan-spade"), default="dagan")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32",
+                        help="fast path precision (the official path is always fp32)")
+    parser.add_argument("--size", type=int, default=256)
+    parser.add_argument("--frames", type=int, default=None, help="timed frames per path (default: 8 CPU, 100 GPU)")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed frames first (default: 2 CPU, 10 GPU)")
+    parser.add_argument("--batch", type=int, default=4, help="batch size of the offline mode (0: skip it)")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--official-recompute-source", action="store_true",
+                        help="official path: recompute the source (and initial frame) depth and keypoints per frame")
+    parser.add_argument("--compile", action="store_true", help="fast path: torch.compile")
+    parser.add_argument("--csv", default=os.path.join(HERE, "results", "latency.csv"))
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    gpu = device.type == "cuda"
+    frames_n = args.frames or (100 if gpu else 8)
+    warmup = args.warmup if args.warmup is not None else (10 if gpu else 2)
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
+
+    try:
+        import official_dagan as official
+    except ImportError:
+        print("benchmarks/latency.py needs tests/official_dagan.py (the official-style transcription)", file=sys.stderr)
+        return 2
+    from tqdm.auto import tqdm
+
+    from dagan_fast import Animator, DaGAN
+
+    kind = "plain" if args.model == "dagan" else "spade"
+    print(f"building calibrated random {args.model} weights (seed {args.seed}) ...", flush=True)
+    tmp = tempfile.mkdtemp(prefix="dagan_latency_")
+    models = official.build_official_models(kind, 18, seed=args.seed, calib_size=128)
+    paths, models = official.save_official_layout(tmp, kind, 18, seed=args.seed, models=models)
+    model = DaGAN.from_official(str(paths["checkpoint"]), str(paths["depth_encoder"]), str(paths["depth_decoder"]))
+    for m in models.values():
+        m.to(device).eval()
+
+    source, clip = driving_clip(official, warmup + frames_n, args.size)
+    timer = Timer(device)
+
+    # ---------------- official-style path
+    src = source.to(device)
+    dev_clip = [f.to(device) for f in clip]
+    gen = models["generator"]
+
+    def official_step(driving, state):
+        if args.official_recompute_source or state is None:
+            d_src = official.official_depth(models, src)
+            kp_src = official._kp_only(official.official_kp(models, src, d_src))
+            init = dev_clip[0]
+            kp_init = official._kp_only(official.official_kp(models, init, official.official_depth(models, init)))
+            state = (d_src, kp_src, kp_init)
+        d_src, kp_src, kp_init = state
+        d_drv = official.official_depth(models, driving)
+        kp_drv = official._kp_only(official.official_kp(models, driving, d_drv))
+        kp_norm = official.normalize_kp(kp_src, kp_drv, kp_init, use_relative_movement=True,
+                                        use_relative_jacobian=True)
+        out = gen(src, kp_driving=official._kp_only(kp_norm), kp_source=kp_src, source_depth=d_src,
+                  driving_depth=d_drv)
+        return out["prediction"], state
+
+    official_ms = []
+    with torch.no_grad():
+        state = None
+        if not args.official_recompute_source:       # demo.py: source + initial frame analysed before the loop
+            _, state = official_step(dev_clip[0], None)
+        for i, frame in enumerate(tqdm(dev_clip, desc="official-style", unit="frame")):
+            (pred, state), ms = timer(lambda: official_step(frame, state))
+            _ = pred.cpu() if gpu else pred
+            if i >= warmup:
+                official_ms.append(ms)
+
+    # ---------------- fast path: stream
+    animator = Animator(model, source, device=device, dtype=dtype, compile=args.compile)
+    stream_ms = []
+    it = animator.stream(iter(clip))
+    outs_fast = []
+    for i in tqdm(range(len(clip)), desc="Animator.stream", unit="frame"):
+        out, ms = timer(lambda: next(it))
+        outs_fast.append(out)
+        if i >= warmup:
+            stream_ms.append(ms)
+
+    # agreement (sanity; fp32: ~1e-5)
+    with torch.no_grad():
+        ref_pred, _ = official_step(dev_clip[-1], None)
+    agree = float((outs_fast[-1].float().cpu() - ref_pred[0].float().cpu()).abs().max())
+
+    # ---------------- batched offline
+    batch_fps = None
+    if args.batch:
+        animator.reset()
+        pre = clip[:max(args.batch, warmup)]
+        list(animator.animate_video(pre, batch_size=args.batch))          # warm-up
+        animator.reset()
+        timed = clip[warmup:warmup + frames_n]
+        if gpu:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        n = sum(1 for _ in animator.animate_video(timed, batch_size=args.batch, progress=False))
+        if gpu:
+            torch.cuda.synchronize()
+        batch_fps = n / (time.perf_counter() - t0)
+
+    def row(name, ms):
+        return (f"{name:<28} {statistics.median(ms):10.1f} {percentile(ms, 95):10.1f} {max(ms):10.1f} "
+                f"{1000.0 / statistics.median(ms):8.2f}")
+
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    print()
+    print(f"{args.model} {args.size}x{args.size}, {device_name(device)}, fast path {args.dtype}, "
+          f"{frames_n} timed frames after {warmup} warm-up, load average {load:.2f}")
+    print(f"{'path':<28} {'p50 ms':>10} {'p95 ms':>10} {'max ms':>10} {'FPS':>8}")
+    print(row("official-style (fp32 eager)", official_ms))
+    print(row(f"Animator.stream ({args.dtype})", stream_ms))
+    official_fps = 1000.0 / statistics.median(official_ms)
+    ratio = statistics.median(official_ms) / statistics.median(stream_ms)
+    if batch_fps is not None:
+        print(f"{'animate_video batch ' + str(args.batch):<28} {'':>10} {'':>10} {'':>10} {batch_fps:8.2f}"
+              f"   ({batch_fps / official_fps:.2f}x the official-style throughput)")
+    print(f"max |fast - official| on the last frame: {agree:.2e}")
+    info = versions()
+    append_csv(args.csv, [{
+        "date": info["date"], "commit": info["commit"], "device": device_name(device), "torch": info["torch"],
+        "triton": info["triton"], "model": args.model, "size": args.size, "dtype": args.dtype,
+        "frames": frames_n, "warmup": warmup, "load_avg": f"{load:.2f}",
+        "official_recompute_source": args.official_recompute_source,
+        "official_p50_ms": f"{statistics.median(official_ms):.2f}", "official_p95_ms": f"{percentile(official_ms, 95):.2f}",
+        "stream_p50_ms": f"{statistics.median(stream_ms):.2f}", "stream_p95_ms": f"{percentile(stream_ms, 95):.2f}",
+        "stream_max_ms": f"{max(stream_ms):.2f}", "stream_fps": f"{1000.0 / statistics.median(stream_ms):.3f}",
+        "batch": args.batch, "batch_fps": f"{batch_fps:.3f}" if batch_fps else "",
+        "batch_ratio": f"{batch_fps / official_fps:.3f}" if batch_fps else "",
+        "speedup_p50": f"{ratio:.3f}", "max_abs_diff": f"{agree:.2e}",
+    }])
+    print(f"speed-up (official-style p50 / Animator.stream p50): {ratio:.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
