@@ -188,15 +188,11 @@ def _add_animate(subparsers) -> None:
     parser.set_defaults(handler=_run_animate)
 
 
-def _run_animate(args: argparse.Namespace) -> int:
-    import collections
-    import time
-
-    import numpy as np
+def _checked_source(args: argparse.Namespace):
+    """Applies --threads, requires --checkpoint and reads --source (H,W,3 uint8 RGB), as CommandErrors."""
     import torch
 
-    from .face import NoFaceError, crop_window
-    from .video import VideoReader, VideoWriter, center_square, read_image, resize_square
+    from .video import read_image
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -204,9 +200,21 @@ def _run_animate(args: argparse.Namespace) -> int:
         from .streaming import MODEL_REQUIRED_MESSAGE
         raise CommandError(f"--checkpoint is required: {MODEL_REQUIRED_MESSAGE}")
     try:
-        source = read_image(args.source, what=f"--source {args.source}")
+        return read_image(args.source, what=f"--source {args.source}")
     except (FileNotFoundError, ValueError, TypeError) as exc:
         raise CommandError(f"--source: {exc}") from None
+
+
+def _run_animate(args: argparse.Namespace) -> int:
+    import collections
+    import time
+
+    import numpy as np
+
+    from .face import NoFaceError, crop_window
+    from .video import VideoReader, VideoWriter, center_square, resize_square
+
+    source = _checked_source(args)
     try:
         reader = VideoReader(args.driving)
     except (FileNotFoundError, ValueError, TypeError) as exc:
@@ -281,20 +289,11 @@ def _add_webcam(subparsers) -> None:
 def _run_webcam(args: argparse.Namespace) -> int:
     import cv2
     import numpy as np
-    import torch
 
     from .face import NoFaceError, crop_window
-    from .video import VideoReader, center_square, read_image, resize_square
+    from .video import VideoReader, center_square, resize_square
 
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    if not args.checkpoint:
-        from .streaming import MODEL_REQUIRED_MESSAGE
-        raise CommandError(f"--checkpoint is required: {MODEL_REQUIRED_MESSAGE}")
-    try:
-        source = read_image(args.source, what=f"--source {args.source}")
-    except (FileNotFoundError, ValueError, TypeError) as exc:
-        raise CommandError(f"--source: {exc}") from None
+    source = _checked_source(args)
     try:
         reader = VideoReader(args.camera)
     except (ValueError, OSError) as exc:

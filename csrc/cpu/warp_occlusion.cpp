@@ -70,10 +70,10 @@ inline void tap_values(const TapTile<acc_t>& t, const scalar_t* plane, int64_t i
   for (int k = 0; k < 4; ++k) v[k] = t.valid[k][i] ? static_cast<acc_t>(plane[t.offset[k][i]]) : acc_t(0);
 }
 
-template <typename scalar_t>
-void forward_kernel(const WarpGeometry& g, const scalar_t* input, const scalar_t* grid, const scalar_t* occ,
-                    scalar_t* out) {
-  using acc_t = at::opmath_type<scalar_t>;
+// Runs fn(tile, b, y, x0) over every row tile of output pixels, in parallel; the tile's taps are
+// filled for the input's strides before each call.
+template <typename scalar_t, typename acc_t, typename Fn>
+void parallel_over_tiles(const WarpGeometry& g, const scalar_t* grid, const scalar_t* occ, Fn&& fn) {
   const int64_t tiles_per_row = (g.out_w + kTile - 1) / kTile;
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, g.channels * kTile));
   at::parallel_for(0, g.batch * g.out_h * tiles_per_row, grain, [&](int64_t begin, int64_t end) {
@@ -82,29 +82,39 @@ void forward_kernel(const WarpGeometry& g, const scalar_t* input, const scalar_t
       const int64_t b = task / (g.out_h * tiles_per_row);
       const int64_t y = (task / tiles_per_row) % g.out_h;
       const int64_t x0 = (task % tiles_per_row) * kTile;
-      const int64_t n = std::min(kTile, g.out_w - x0);
-      fill_tile<scalar_t, acc_t>(t, g, grid, occ, b, y, x0, n, g.in_stride[2], g.in_stride[3]);
-      const scalar_t* in_b = input + b * g.in_stride[0];
-      scalar_t* out_row = out + b * g.out_stride[0] + y * g.out_stride[2] + x0 * g.out_stride[3];
-      for (int64_t c = 0; c < g.channels; ++c) {
-        const scalar_t* plane = in_b + c * g.in_stride[1];
-        scalar_t* o = out_row + c * g.out_stride[1];
-        if (t.all_valid) {
-          for (int64_t i = 0; i < n; ++i) {
-            const acc_t s = t.weight[0][i] * static_cast<acc_t>(plane[t.offset[0][i]]) +
-                            t.weight[1][i] * static_cast<acc_t>(plane[t.offset[1][i]]) +
-                            t.weight[2][i] * static_cast<acc_t>(plane[t.offset[2][i]]) +
-                            t.weight[3][i] * static_cast<acc_t>(plane[t.offset[3][i]]);
-            o[i * g.out_stride[3]] = static_cast<scalar_t>(s * t.occlusion[i]);
-          }
-        } else {
-          for (int64_t i = 0; i < n; ++i) {
-            acc_t v[4];
-            tap_values(t, plane, i, v);
-            const acc_t s = t.weight[0][i] * v[0] + t.weight[1][i] * v[1] + t.weight[2][i] * v[2] +
-                            t.weight[3][i] * v[3];
-            o[i * g.out_stride[3]] = static_cast<scalar_t>(s * t.occlusion[i]);
-          }
+      fill_tile<scalar_t, acc_t>(t, g, grid, occ, b, y, x0, std::min(kTile, g.out_w - x0), g.in_stride[2],
+                                 g.in_stride[3]);
+      fn(t, b, y, x0);
+    }
+  });
+}
+
+template <typename scalar_t>
+void forward_kernel(const WarpGeometry& g, const scalar_t* input, const scalar_t* grid, const scalar_t* occ,
+                    scalar_t* out) {
+  using acc_t = at::opmath_type<scalar_t>;
+  parallel_over_tiles<scalar_t, acc_t>(g, grid, occ, [&](const TapTile<acc_t>& t, int64_t b, int64_t y, int64_t x0) {
+    const int64_t n = t.count;
+    const scalar_t* in_b = input + b * g.in_stride[0];
+    scalar_t* out_row = out + b * g.out_stride[0] + y * g.out_stride[2] + x0 * g.out_stride[3];
+    for (int64_t c = 0; c < g.channels; ++c) {
+      const scalar_t* plane = in_b + c * g.in_stride[1];
+      scalar_t* o = out_row + c * g.out_stride[1];
+      if (t.all_valid) {
+        for (int64_t i = 0; i < n; ++i) {
+          const acc_t s = t.weight[0][i] * static_cast<acc_t>(plane[t.offset[0][i]]) +
+                          t.weight[1][i] * static_cast<acc_t>(plane[t.offset[1][i]]) +
+                          t.weight[2][i] * static_cast<acc_t>(plane[t.offset[2][i]]) +
+                          t.weight[3][i] * static_cast<acc_t>(plane[t.offset[3][i]]);
+          o[i * g.out_stride[3]] = static_cast<scalar_t>(s * t.occlusion[i]);
+        }
+      } else {
+        for (int64_t i = 0; i < n; ++i) {
+          acc_t v[4];
+          tap_values(t, plane, i, v);
+          const acc_t s = t.weight[0][i] * v[0] + t.weight[1][i] * v[1] + t.weight[2][i] * v[2] +
+                          t.weight[3][i] * v[3];
+          o[i * g.out_stride[3]] = static_cast<scalar_t>(s * t.occlusion[i]);
         }
       }
     }
@@ -118,45 +128,36 @@ void grid_occlusion_grad_kernel(const WarpGeometry& g, const scalar_t* grad_out,
                                 scalar_t* grad_occ) {
   using acc_t = at::opmath_type<scalar_t>;
   const acc_t sx = warp::grid_coord_scale<acc_t>(g.in_w), sy = warp::grid_coord_scale<acc_t>(g.in_h);
-  const int64_t tiles_per_row = (g.out_w + kTile - 1) / kTile;
-  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, g.channels * kTile));
-  at::parallel_for(0, g.batch * g.out_h * tiles_per_row, grain, [&](int64_t begin, int64_t end) {
-    TapTile<acc_t> t;
+  parallel_over_tiles<scalar_t, acc_t>(g, grid, occ, [&](const TapTile<acc_t>& t, int64_t b, int64_t y, int64_t x0) {
+    const int64_t n = t.count;
     acc_t gix[kTile], giy[kTile], gocc[kTile];
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / (g.out_h * tiles_per_row);
-      const int64_t y = (task / tiles_per_row) % g.out_h;
-      const int64_t x0 = (task % tiles_per_row) * kTile;
-      const int64_t n = std::min(kTile, g.out_w - x0);
-      fill_tile<scalar_t, acc_t>(t, g, grid, occ, b, y, x0, n, g.in_stride[2], g.in_stride[3]);
-      std::fill(gix, gix + n, acc_t(0));
-      std::fill(giy, giy + n, acc_t(0));
-      std::fill(gocc, gocc + n, acc_t(0));
-      const scalar_t* in_b = input + b * g.in_stride[0];
-      const scalar_t* go_row = grad_out + b * g.out_stride[0] + y * g.out_stride[2] + x0 * g.out_stride[3];
-      for (int64_t c = 0; c < g.channels; ++c) {
-        const scalar_t* plane = in_b + c * g.in_stride[1];
-        const scalar_t* go = go_row + c * g.out_stride[1];
-        for (int64_t i = 0; i < n; ++i) {
-          acc_t v[4];
-          tap_values(t, plane, i, v);
-          const acc_t gv = static_cast<acc_t>(go[i * g.out_stride[3]]);
-          gocc[i] += gv * (t.weight[0][i] * v[0] + t.weight[1][i] * v[1] + t.weight[2][i] * v[2] +
-                           t.weight[3][i] * v[3]);
-          const acc_t gs = gv * t.occlusion[i];
-          const acc_t fx = t.frac_x[i], fy = t.frac_y[i];
-          gix[i] += ((v[1] - v[0]) * (acc_t(1) - fy) + (v[3] - v[2]) * fy) * gs;
-          giy[i] += ((v[2] - v[0]) * (acc_t(1) - fx) + (v[3] - v[1]) * fx) * gs;
-        }
-      }
-      const int64_t pix = (b * g.out_h + y) * g.out_w + x0;  // gradient outputs are contiguous
+    std::fill(gix, gix + n, acc_t(0));
+    std::fill(giy, giy + n, acc_t(0));
+    std::fill(gocc, gocc + n, acc_t(0));
+    const scalar_t* in_b = input + b * g.in_stride[0];
+    const scalar_t* go_row = grad_out + b * g.out_stride[0] + y * g.out_stride[2] + x0 * g.out_stride[3];
+    for (int64_t c = 0; c < g.channels; ++c) {
+      const scalar_t* plane = in_b + c * g.in_stride[1];
+      const scalar_t* go = go_row + c * g.out_stride[1];
       for (int64_t i = 0; i < n; ++i) {
-        if (grad_grid) {
-          grad_grid[2 * (pix + i)] = static_cast<scalar_t>(gix[i] * sx);
-          grad_grid[2 * (pix + i) + 1] = static_cast<scalar_t>(giy[i] * sy);
-        }
-        if (grad_occ) grad_occ[pix + i] = static_cast<scalar_t>(gocc[i]);
+        acc_t v[4];
+        tap_values(t, plane, i, v);
+        const acc_t gv = static_cast<acc_t>(go[i * g.out_stride[3]]);
+        gocc[i] += gv * (t.weight[0][i] * v[0] + t.weight[1][i] * v[1] + t.weight[2][i] * v[2] +
+                         t.weight[3][i] * v[3]);
+        const acc_t gs = gv * t.occlusion[i];
+        const acc_t fx = t.frac_x[i], fy = t.frac_y[i];
+        gix[i] += ((v[1] - v[0]) * (acc_t(1) - fy) + (v[3] - v[2]) * fy) * gs;
+        giy[i] += ((v[2] - v[0]) * (acc_t(1) - fx) + (v[3] - v[1]) * fx) * gs;
       }
+    }
+    const int64_t pix = (b * g.out_h + y) * g.out_w + x0;  // gradient outputs are contiguous
+    for (int64_t i = 0; i < n; ++i) {
+      if (grad_grid) {
+        grad_grid[2 * (pix + i)] = static_cast<scalar_t>(gix[i] * sx);
+        grad_grid[2 * (pix + i) + 1] = static_cast<scalar_t>(giy[i] * sy);
+      }
+      if (grad_occ) grad_occ[pix + i] = static_cast<scalar_t>(gocc[i]);
     }
   });
 }
