@@ -12,34 +12,15 @@ import torch.nn.functional as F
 import dagan_fast
 from dagan_fast import _backends
 from dagan_fast.ops import BackendError, available_backends, dense_motion, reference, sparse_motion_inputs
+from conftest import backends_for, rel_err
 
 SPARSE = "sparse_motion_inputs"
 DENSE = "dense_motion"
 FLOOR = reference.JACOBIAN_DET_FLOOR
 
 
-def motion_backends(op: str):
-    """Every backend that ``available_backends()`` lists as available with ``op`` among its ops and
-    that accepts CPU tensors here (e.g. triton under TRITON_INTERPRET=1); the reference always is."""
-    probe = torch.zeros(1)
-    names = []
-    for name, info in available_backends().items():
-        if info.available and op in info.ops and not _backends.get_backend(name).not_supported_reasons(op, [probe]):
-            names.append(name)
-    return names
-
-
-SPARSE_BACKENDS = motion_backends(SPARSE)
-DENSE_BACKENDS = motion_backends(DENSE)
-
-
-def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    """max |actual - expected| / max |expected|, in float64."""
-    a, e = actual.detach().double(), expected.detach().double()
-    assert a.shape == e.shape, (a.shape, e.shape)
-    if e.numel() == 0:
-        return 0.0
-    return float((a - e).abs().max() / e.abs().max().clamp_min(1e-30))
+SPARSE_BACKENDS = backends_for(SPARSE)
+DENSE_BACKENDS = backends_for(DENSE)
 
 
 @pytest.fixture(autouse=True)
@@ -1012,7 +993,7 @@ def test_unknown_backend(op, monkeypatch):
 
 
 def _backends_lacking(op):
-    return [n for n in _backends.PRIORITY if n not in motion_backends(op)]
+    return [n for n in _backends.PRIORITY if n not in backends_for(op)]
 
 
 @pytest.mark.parametrize("op", [SPARSE, DENSE])
