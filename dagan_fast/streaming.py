@@ -307,11 +307,10 @@ class Animator:
                 s = source.shape[-1]
                 if source.shape[-3] == 3 and source.shape[-2] == s and s % m == 0 and s > 0:
                     size = int(s)
-        if not isinstance(size, (int, np.integer)) or isinstance(size, bool) or size < m or size % m:
-            raise ValueError(f"Animator: size must be a positive multiple of {m} (the model's size_multiple; 256 is "
-                             f"DaGAN's native size), got {size!r}")
-        if size % m:
-            raise ValueError(f"Animator: size {size} is not a multiple of {m}")
+        low = int(getattr(self.model, "min_size", m))
+        if not isinstance(size, (int, np.integer)) or isinstance(size, bool) or size < low or size % m:
+            raise ValueError(f"Animator: size must be a multiple of {m} (the model's size_multiple) and at least "
+                             f"{low}; 256 is DaGAN's native size. Got {size!r}")
         return int(size)
 
     def set_source(self, source) -> None:

@@ -294,3 +294,13 @@ def test_gpu_graphs_match_eager_and_cpu(model, clip):
     for c, e, g in zip(cpu, eager, graphed):
         assert np.abs(e.astype(int) - g.astype(int)).max() <= 1
         assert (c - torch.from_numpy(e).float()).abs().max() <= 2
+
+
+def test_sizes_below_the_depth_network_minimum_are_rejected_clearly():
+    model = DaGAN(**SMALL)
+    assert model.size_multiple == 32 and model.min_size == 64
+    with pytest.raises(ValueError, match=r"(source|driving) is 32x32, but H and W must be multiples of 32 and at least 64"):
+        model(torch.rand(1, 3, 32, 32), torch.rand(1, 3, 32, 32))
+    with pytest.raises(ValueError, match=r"size must be a multiple of 32 .* and at least 64"):
+        Animator(model, face(), size=32)
+    assert model(torch.rand(1, 3, 64, 64), torch.rand(1, 3, 64, 64))["prediction"].shape == (1, 3, 64, 64)

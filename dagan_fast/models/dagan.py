@@ -214,6 +214,8 @@ class DaGAN(nn.Module):
         self.size_multiple = _lcm(round(2 ** kp["num_blocks"] / kp["scale_factor"]),
                                   round(2 ** dm["num_blocks"] / dm["scale_factor"]), 32,
                                   2 ** cfg["generator_params"]["num_down_blocks"])
+        # The depth encoder reaches 1/32 and the decoder reflection-pads by 1 there: 2x2 at least.
+        self.min_size = max(self.size_multiple, 64)
         self.inference_only = False
         self.eval()
 
@@ -265,10 +267,11 @@ class DaGAN(nn.Module):
         if B < 1:
             raise ValueError(f"{name} has batch size 0; pass at least one image")
         m = self.size_multiple
-        if H % m or W % m:
-            raise ValueError(f"{name} is {H}x{W}, but H and W must be multiples of {m} (e.g. 256, the native size "
-                             f"of the released weights): the keypoint and dense-motion hourglasses work at 1/4 "
-                             f"resolution through 5 halvings. Resize (or pad) the images first.")
+        if H % m or W % m or min(H, W) < self.min_size:
+            raise ValueError(f"{name} is {H}x{W}, but H and W must be multiples of {m} and at least {self.min_size} "
+                             f"(e.g. 256, the native size of the released weights): the keypoint and dense-motion "
+                             f"hourglasses halve the 1/4-resolution maps {self.config['dense_motion_params']['num_blocks']} "
+                             f"times and the depth encoder reaches 1/32. Resize (or pad) the images first.")
         ref = self._reference_param()
         if x.device != ref.device:
             raise ValueError(f"{name} is on {x.device} but the model is on {ref.device}; move one of them "
