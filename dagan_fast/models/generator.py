@@ -89,6 +89,22 @@ class _DepthAwareBase(nn.Module):
         return {"image": source_image, "features": out, "query": self.AttnModule.query(src),
                 "small": self.dense_motion_network.downsample(source_image)}
 
+    def forward(self, source_image: Optional[Tensor], kp_driving: KP, kp_source: KP,
+                source_depth: Optional[Tensor] = None, driving_depth: Optional[Tensor] = None, *,
+                source_features: Optional[Dict[str, Tensor]] = None,
+                return_attention: bool = False) -> Dict[str, Tensor]:
+        """The official generator output dict for source (B or 1,3,H,W) driven by the keypoint dicts.
+        ``source_features``: ``encode_source(source_image, source_depth)`` computed already (batch 1 or B);
+        ``driving_depth`` is unused, as in the official code."""
+        if source_features is None:
+            source_features = self.encode_source(source_image, source_depth)
+        out = self._motion_and_attention(source_features, kp_driving, kp_source, return_attention)
+        return self._decode(out)
+
+    def _decode(self, out: Dict[str, Tensor]) -> Dict[str, Tensor]:
+        """Adds "prediction" from the attention-refined ``out["features"]`` (subclasses)."""
+        raise NotImplementedError
+
     def _motion_and_attention(self, source: Dict[str, Tensor], kp_driving: KP, kp_source: KP,
                               return_attention: bool) -> Dict[str, Tensor]:
         batch = kp_driving["value"].shape[0]
@@ -140,14 +156,7 @@ class DepthAwareGenerator(_DepthAwareBase):
             self.bottleneck.add_module(f"r{i}", ResBlock2d(self.feature_channels, kernel_size=3, padding=1))
         self.final = nn.Conv2d(block_expansion, num_channels, kernel_size=7, padding=3)
 
-    def forward(self, source_image: Optional[Tensor], kp_driving: KP, kp_source: KP,
-                source_depth: Optional[Tensor] = None, driving_depth: Optional[Tensor] = None, *,
-                source_features: Optional[Dict[str, Tensor]] = None,
-                return_attention: bool = False) -> Dict[str, Tensor]:
-        """``source_features``: ``encode_source(source_image, source_depth)`` computed already (batch 1 or B)."""
-        if source_features is None:
-            source_features = self.encode_source(source_image, source_depth)
-        out = self._motion_and_attention(source_features, kp_driving, kp_source, return_attention)
+    def _decode(self, out: Dict[str, Tensor]) -> Dict[str, Tensor]:
         x = self.bottleneck(out.pop("features"))
         for block in self.up_blocks:
             x = block(x)
@@ -199,14 +208,7 @@ class SPADEDepthAwareGenerator(_DepthAwareBase):
                          estimate_occlusion_map, dense_motion_params, estimate_jacobian)
         self.decoder = SPADEGenerator(ic=self.feature_channels, num_channels=num_channels)
 
-    def forward(self, source_image: Optional[Tensor], kp_driving: KP, kp_source: KP,
-                source_depth: Optional[Tensor] = None, driving_depth: Optional[Tensor] = None, *,
-                source_features: Optional[Dict[str, Tensor]] = None,
-                return_attention: bool = False) -> Dict[str, Tensor]:
-        """``source_features``: ``encode_source(source_image, source_depth)`` computed already (batch 1 or B)."""
-        if source_features is None:
-            source_features = self.encode_source(source_image, source_depth)
-        out = self._motion_and_attention(source_features, kp_driving, kp_source, return_attention)
+    def _decode(self, out: Dict[str, Tensor]) -> Dict[str, Tensor]:
         deformed = out["deformed"]
         if "occlusion_map" in out:
             deformed = deformed * _resize_map(out["occlusion_map"], deformed.shape[2:])
