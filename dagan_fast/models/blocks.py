@@ -351,3 +351,11 @@ def fold_module(module: nn.Module) -> None:
         fold = getattr(sub, "fold_batchnorm", None)
         if callable(fold):
             fold()
+
+
+def concat_conv_heads(*convs: nn.Conv2d):
+    """(weight, bias) of one convolution computing all ``convs`` (same input, kernel and padding) at
+    once, their output channels stacked in order: two heads over one feature map cost one pass."""
+    weight = torch.cat([c.weight for c in convs]).contiguous()
+    bias = torch.cat([c.bias for c in convs]).contiguous()
+    return weight, bias

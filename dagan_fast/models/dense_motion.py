@@ -10,7 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import ops
-from .blocks import AntiAliasInterpolation2d, Hourglass
+from .blocks import AntiAliasInterpolation2d, Hourglass, concat_conv_heads
 
 Tensor = torch.Tensor
 
@@ -76,5 +76,4 @@ class DenseMotionNetwork(nn.Module):
         """Inference only: ``mask`` and ``occlusion`` run as one 7x7 convolution over the hourglass output."""
         if self.occlusion is None or self.fused_head_weight is not None:
             return
-        self.fused_head_weight = torch.cat([self.mask.weight, self.occlusion.weight]).contiguous()
-        self.fused_head_bias = torch.cat([self.mask.bias, self.occlusion.bias]).contiguous()
+        self.fused_head_weight, self.fused_head_bias = concat_conv_heads(self.mask, self.occlusion)

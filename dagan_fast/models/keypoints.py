@@ -8,7 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..ops.reference import make_coordinate_grid
-from .blocks import AntiAliasInterpolation2d, Hourglass
+from .blocks import AntiAliasInterpolation2d, Hourglass, concat_conv_heads
 
 Tensor = torch.Tensor
 
@@ -73,5 +73,4 @@ class KPDetector(nn.Module):
         """Inference only: ``kp`` and ``jacobian`` run as one convolution over the hourglass output."""
         if self.jacobian is None or self.fused_head_weight is not None:
             return
-        self.fused_head_weight = torch.cat([self.kp.weight, self.jacobian.weight]).contiguous()
-        self.fused_head_bias = torch.cat([self.kp.bias, self.jacobian.bias]).contiguous()
+        self.fused_head_weight, self.fused_head_bias = concat_conv_heads(self.kp, self.jacobian)
