@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parent
 
 
 class CMakeExtension(Extension):
-    """An extension whose sources CMakeLists.txt lists (csrc/ops.cpp, csrc/cpu/*.cpp, csrc/cuda/*.cu)."""
+    """An extension whose sources CMakeLists.txt lists (csrc/*.cpp, csrc/cpu/*.cpp, csrc/cuda/*.cu)."""
 
     def __init__(self, name: str):
         super().__init__(name, sources=[])

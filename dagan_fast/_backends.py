@@ -8,6 +8,7 @@ globally at import time.
 from __future__ import annotations
 
 import functools
+import importlib
 import os
 from dataclasses import dataclass
 from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
@@ -76,6 +77,10 @@ class Backend:
             if dtype not in self.dtypes:
                 reasons.append(f"does not take {dtype} (takes {', '.join(str(d) for d in self.dtypes)})")
         return reasons
+
+    def auto_reasons(self, op: str, tensors: Sequence[torch.Tensor]) -> List[str]:
+        """Extra reasons that keep the backend out of automatic selection (it still runs when forced)."""
+        return []
 
     def implemented_ops(self) -> Tuple[str, ...]:
         return tuple(sorted(op for op in self.kernels if self.op_reason(op) is None))
@@ -162,20 +167,37 @@ def _triton_import_error() -> Optional[str]:
     return None
 
 
+@functools.lru_cache(maxsize=None)
+def _load_triton_kernels() -> Optional[str]:
+    """Imports dagan_fast.ops.triton, whose modules register their kernels with the triton backend.
+    Deferred to first use: importing triton costs ~0.4 s, and TRITON_INTERPRET must be set before
+    the kernels are defined."""
+    try:
+        importlib.import_module("dagan_fast.ops.triton")
+    except Exception as exc:
+        return f"the Triton kernels fail to load ({exc.__class__.__name__}: {exc})"
+    return None
+
+
 class TritonBackend(Backend):
     name = "triton"
     # bf16 is broken in the Triton interpreter; on a GPU it works.
     interpreter_dtypes = (torch.float16, torch.float32, torch.float64)
 
     def unavailable_reason(self) -> Optional[str]:
-        if not self.kernels:
-            return "no Triton kernels in this version"
-        error = _triton_import_error()
-        if error:
-            return error
         if not torch.cuda.is_available() and not triton_interpret():
             return "no CUDA device (set TRITON_INTERPRET=1 to run the kernels on the CPU through the interpreter)"
+        error = _triton_import_error() or _load_triton_kernels()
+        if error:
+            return error
+        if not self.kernels:
+            return "no Triton kernels in this version"
         return None
+
+    def auto_reasons(self, op: str, tensors: Sequence[torch.Tensor]) -> List[str]:
+        if tensors and tensors[0].device.type == "cpu":
+            return ["the Triton interpreter runs only when asked for (backend='triton')"]
+        return []
 
     def device_reason(self, device: torch.device) -> Optional[str]:
         if device.type == "cuda":
@@ -222,6 +244,7 @@ def select_backend(op: str, tensors: Sequence[torch.Tensor], backend: Optional[s
     for name in PRIORITY:
         candidate = BACKENDS[name]
         reasons = candidate.not_supported_reasons(op, tensors)
+        reasons = reasons or candidate.auto_reasons(op, tensors)
         if not reasons:
             return candidate
         all_reasons.append(f"{name}: " + "; ".join(reasons))

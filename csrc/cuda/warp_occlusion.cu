@@ -5,7 +5,7 @@
 #include <cuda_runtime.h>
 
 #include "../common/warp_math.h"
-#include "launchers.h"
+#include "warp_launchers.h"
 
 namespace {
 
@@ -168,8 +168,4 @@ extern "C" int dagan_fast_warp_backward_cuda(int dtype, const WarpGeometry* geom
                                             grad_grid, grad_occlusion, s);
     default: return static_cast<int>(cudaErrorInvalidValue);
   }
-}
-
-extern "C" const char* dagan_fast_cuda_error_string(int code) {
-  return cudaGetErrorString(static_cast<cudaError_t>(code));
 }

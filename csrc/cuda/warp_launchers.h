@@ -1,13 +1,12 @@
-// C interface of the torch-free CUDA kernels. ops.cpp (compiled by the host compiler against
+// C interface of the torch-free CUDA warp kernels. ops.cpp (compiled by the host compiler against
 // PyTorch) calls these; the .cu files never see a PyTorch header. Each returns a cudaError_t code.
 #pragma once
 #include <cstdint>
 
 #include "../common/warp_math.h"
+#include "launch_common.h"
 
 extern "C" {
-
-enum DaganDtype { kDaganFloat32 = 0, kDaganFloat64 = 1, kDaganFloat16 = 2, kDaganBFloat16 = 3 };
 
 // input (B,C,Hi,Wi), grid (B,Ho,Wo,2), occlusion (B,1,Ho,Wo) or null -> out (B,C,Ho,Wo); any strides.
 int dagan_fast_warp_forward_cuda(int dtype, const dagan_fast::warp::WarpGeometry* geometry, const void* input,
@@ -19,6 +18,4 @@ int dagan_fast_warp_forward_cuda(int dtype, const dagan_fast::warp::WarpGeometry
 int dagan_fast_warp_backward_cuda(int dtype, const dagan_fast::warp::WarpGeometry* geometry, const void* grad_output,
                                   const void* input, const void* grid, const void* occlusion, void* grad_input_acc,
                                   void* grad_grid, void* grad_occlusion, int device, void* stream);
-
-const char* dagan_fast_cuda_error_string(int code);
 }
