@@ -147,6 +147,43 @@ def official_sparse_motion_inputs(source, kp_s, jac_s, kp_d, jac_d, variance=0.0
     return torch.cat([heat, deformed], 2).view(B, -1, H, W)
 
 
+def official_dense_motion(mask_logits, kp_s, jac_s, kp_d, jac_d):
+    """The official-style dense motion: materialised (B,K+1,H,W,2) motions (per-pixel torch.inverse),
+    softmax mask, weighted sum -> (deformation (B,H,W,2), mask (B,K+1,H,W))."""
+    B, K1, H, W = mask_logits.shape
+    K = K1 - 1
+    grid = reference.make_coordinate_grid(H, W, mask_logits.dtype, mask_logits.device)
+    coords = grid.view(1, 1, H, W, 2) - kp_d.view(B, K, 1, 1, 2)
+    jac = torch.matmul(jac_s, torch.inverse(jac_d)).unsqueeze(-3).unsqueeze(-3).repeat(1, 1, H, W, 1, 1)
+    coords = torch.matmul(jac, coords.unsqueeze(-1)).squeeze(-1)
+    motions = torch.cat([grid.view(1, 1, H, W, 2).repeat(B, 1, 1, 1, 1), coords + kp_s.view(B, K, 1, 1, 2)], 1)
+    mask = F.softmax(mask_logits, dim=1)
+    deformation = (motions.permute(0, 1, 4, 2, 3) * mask.unsqueeze(2)).sum(dim=1).permute(0, 2, 3, 1)
+    return deformation, mask
+
+
+def timed_pair_passes(forward: Callable, inputs: List[torch.Tensor], device) -> Dict[str, float]:
+    """timed_passes for an op with two outputs (deformation, mask): both get a random gradient."""
+    def fwd():
+        with torch.no_grad():
+            forward()
+
+    outs = forward()
+    grads = [torch.randn_like(o) for o in outs]
+
+    def bwd():
+        torch.autograd.backward(outs, grads, retain_graph=True)
+
+    def both():
+        torch.autograd.backward(forward(), grads)
+
+    results = {"forward": time_ms(fwd, device), "backward": time_ms(bwd, device),
+               "forward+backward": time_ms(both, device)}
+    for t in inputs:
+        t.grad = None
+    return results
+
+
 def bench_motion(device, full: bool, meta: dict) -> List[dict]:
     rows: List[dict] = []
     K, C, H, W = 15, 3, 64, 64
@@ -157,6 +194,7 @@ def bench_motion(device, full: bool, meta: dict) -> List[dict]:
         eye = torch.eye(2, device=device)
         jac_s = (eye + 0.2 * torch.randn(B, K, 2, 2, device=device)).requires_grad_()
         jac_d = (eye + 0.2 * torch.randn(B, K, 2, 2, device=device)).requires_grad_()
+        logits = torch.randn(B, K + 1, H, W, device=device, requires_grad=True)
         inputs = [source, kp_s, jac_s, kp_d, jac_d]
         results = {"official": timed_passes(lambda: official_sparse_motion_inputs(*inputs), inputs, device)}
         for name in backends_with("sparse_motion_inputs", device):
@@ -168,6 +206,16 @@ def bench_motion(device, full: bool, meta: dict) -> List[dict]:
         work = {"forward": fwd_bytes, "backward": 2 * fwd_bytes, "forward+backward": 3 * fwd_bytes}
         report(rows, "sparse_motion_inputs", f"B{B} K{K} C{C} {H}x{W}", "official", results, work, "GB/s", device,
                meta)
+
+        dense_inputs = [logits, kp_s, jac_s, kp_d, jac_d]
+        results = {"official": timed_pair_passes(lambda: official_dense_motion(*dense_inputs), dense_inputs, device)}
+        for name in backends_with("dense_motion", device):
+            results[name] = timed_pair_passes(
+                lambda name=name: dagan_fast.ops.dense_motion(*dense_inputs, backend=name), dense_inputs, device)
+        # Logits in, mask and deformation out; the backward reads both gradients and writes the logits'.
+        fwd_bytes = e * B * H * W * (2 * (K + 1) + 2)
+        work = {"forward": fwd_bytes, "backward": 2 * fwd_bytes, "forward+backward": 3 * fwd_bytes}
+        report(rows, "dense_motion", f"B{B} K{K} {H}x{W}", "official", results, work, "GB/s", device, meta)
     return rows
 
 

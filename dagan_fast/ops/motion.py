@@ -8,6 +8,7 @@ from typing import List, Optional, Tuple
 import torch
 
 from .. import _backends
+from .._extension import extension
 from . import _validate, reference
 
 Tensor = torch.Tensor
@@ -114,6 +115,48 @@ _dense_op.register_autograd(_dense_backward, setup_context=_dense_setup)
 _backends.get_backend("reference").register(SPARSE_OP, reference.sparse_motion_inputs,
                                             reference.sparse_motion_inputs_backward)
 _backends.get_backend("reference").register(DENSE_OP, reference.dense_motion, reference.dense_motion_backward)
+
+
+# Compiled kernels (csrc/ops_motion.cpp) for the cpu and cuda backends.
+def _compiled_sparse_forward(source, kp_source, jac_source, kp_driving, jac_driving, variance):
+    return torch.ops.dagan_fast.sparse_motion_inputs_fwd(source, kp_source, jac_source, kp_driving, jac_driving,
+                                                         float(variance))
+
+
+def _compiled_sparse_backward(grad, source, kp_source, jac_source, kp_driving, jac_driving, variance, output_mask):
+    return torch.ops.dagan_fast.sparse_motion_inputs_bwd(grad, source, kp_source, jac_source, kp_driving, jac_driving,
+                                                         float(variance), list(output_mask))
+
+
+def _compiled_dense_forward(mask_logits, kp_source, jac_source, kp_driving, jac_driving):
+    return torch.ops.dagan_fast.dense_motion_fwd(mask_logits, kp_source, jac_source, kp_driving, jac_driving)
+
+
+def _compiled_dense_backward(grad_deformation, grad_mask, mask_logits, kp_source, jac_source, kp_driving, jac_driving,
+                             output_mask):
+    return torch.ops.dagan_fast.dense_motion_bwd(grad_deformation, grad_mask, mask_logits, kp_source, jac_source,
+                                                 kp_driving, jac_driving, list(output_mask))
+
+
+for _name in ("cpu", "cuda"):
+    _backends.get_backend(_name).register(SPARSE_OP, _compiled_sparse_forward, _compiled_sparse_backward)
+    _backends.get_backend(_name).register(DENSE_OP, _compiled_dense_forward, _compiled_dense_backward)
+
+if extension().loaded and hasattr(torch.ops.dagan_fast, "sparse_motion_inputs_fwd"):
+    # Fake kernels of the compiled ops, so they trace under torch.compile / FakeTensorMode too.
+    torch.library.register_fake("dagan_fast::sparse_motion_inputs_fwd")(
+        lambda source, kp_source, jac_source, kp_driving, jac_driving, variance: source.new_empty(
+            (source.shape[0], (kp_source.shape[1] + 1) * (source.shape[1] + 1), *source.shape[2:])))
+    torch.library.register_fake("dagan_fast::sparse_motion_inputs_bwd")(
+        lambda grad, source, kp_source, jac_source, kp_driving, jac_driving, variance, output_mask: _grads_fake(
+            (source, kp_source, jac_source, kp_driving, jac_driving), output_mask))
+    torch.library.register_fake("dagan_fast::dense_motion_fwd")(
+        lambda mask_logits, kp_source, jac_source, kp_driving, jac_driving: (
+            mask_logits.new_empty((mask_logits.shape[0], *mask_logits.shape[2:], 2)),
+            mask_logits.new_empty(mask_logits.shape)))
+    torch.library.register_fake("dagan_fast::dense_motion_bwd")(
+        lambda grad_deformation, grad_mask, mask_logits, kp_source, jac_source, kp_driving, jac_driving, output_mask:
+        _grads_fake((mask_logits, kp_source, jac_source, kp_driving, jac_driving), output_mask))
 
 
 # ---------------------------------------------------------------- validation and public API

@@ -1,0 +1,600 @@
+// CPU kernels of dagan_fast::sparse_motion_inputs_fwd/_bwd and dense_motion_fwd/_bwd.
+//
+// The per-keypoint affine (A_k, b_k) is computed once, the separable Gaussians exp(-(x-c)^2/(2v)) are
+// tabulated once per keypoint and axis (H + W exponentials instead of H W), and the (K+1)(C+1)
+// interleaved output is written directly, row by row. Reductions (source gradient, keypoint
+// gradients) go through per-tile partial buffers summed in tile order afterwards; the tiling depends
+// only on the shapes, never on the thread count, so results are bitwise reproducible.
+#include "motion.h"
+
+#include <algorithm>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+
+#include "../common/motion_math.h"
+#include "../common/warp_math.h"
+#include "../op_support.h"
+
+namespace dagan_fast {
+namespace cpu {
+namespace {
+
+using motion::Affine;
+using motion::KeypointParams;
+using motion::MotionGeometry;
+
+// Rounds an accumulated value to the output type; float16/bfloat16 clamp to their finite range
+// first (a near-singular Jacobian moves points by ~1e6), like reference._to_finite.
+template <typename scalar_t, typename acc_t>
+inline scalar_t to_output(acc_t v) {
+  if constexpr (std::is_same_v<scalar_t, at::Half> || std::is_same_v<scalar_t, at::BFloat16>) {
+    const acc_t limit = static_cast<acc_t>(std::numeric_limits<scalar_t>::max());
+    v = v > limit ? limit : (v < -limit ? -limit : v);
+  }
+  return static_cast<scalar_t>(v);
+}
+
+// Keypoint inputs of every (b, k), gathered once through the strides, in the accumulation type.
+template <typename scalar_t, typename acc_t>
+std::vector<KeypointParams<acc_t>> gather_keypoints(const MotionGeometry& g, const scalar_t* kps,
+                                                    const scalar_t* jacs, const scalar_t* kpd,
+                                                    const scalar_t* jacd) {
+  std::vector<KeypointParams<acc_t>> params(g.batch * g.keypoints);
+  for (int64_t b = 0; b < g.batch; ++b) {
+    for (int64_t k = 0; k < g.keypoints; ++k) {
+      auto& p = params[b * g.keypoints + k];
+      p.has_js = jacs != nullptr;
+      p.has_jd = jacd != nullptr;
+      for (int i = 0; i < 2; ++i) {
+        p.ks[i] = static_cast<acc_t>(kps[b * g.kps_stride[0] + k * g.kps_stride[1] + i * g.kps_stride[2]]);
+        p.kd[i] = static_cast<acc_t>(kpd[b * g.kpd_stride[0] + k * g.kpd_stride[1] + i * g.kpd_stride[2]]);
+      }
+      for (int i = 0; i < 4; ++i) {
+        const int r = i / 2, c = i % 2;
+        p.js[i] = jacs ? static_cast<acc_t>(jacs[b * g.jacs_stride[0] + k * g.jacs_stride[1] + r * g.jacs_stride[2] +
+                                                 c * g.jacs_stride[3]])
+                       : acc_t(r == c);
+        p.jd[i] = jacd ? static_cast<acc_t>(jacd[b * g.jacd_stride[0] + k * g.jacd_stride[1] + r * g.jacd_stride[2] +
+                                                 c * g.jacd_stride[3]])
+                       : acc_t(r == c);
+      }
+    }
+  }
+  return params;
+}
+
+template <typename acc_t>
+std::vector<Affine<acc_t>> affines_of(const std::vector<KeypointParams<acc_t>>& params) {
+  std::vector<Affine<acc_t>> out(params.size());
+  for (size_t i = 0; i < params.size(); ++i) out[i] = motion::keypoint_affine(params[i]);
+  return out;
+}
+
+template <typename acc_t>
+std::vector<acc_t> axis_coordinates(int64_t n) {
+  std::vector<acc_t> z(n);
+  for (int64_t i = 0; i < n; ++i) z[i] = motion::grid_coordinate<acc_t>(i, n);
+  return z;
+}
+
+// Gaussian factor tables per (b, k): [driving x (W) | source x (W) | driving y (H) | source y (H)].
+template <typename acc_t>
+struct GaussianTables {
+  int64_t H, W;
+  std::vector<acc_t> data;
+  const acc_t* of(int64_t bk) const { return data.data() + bk * 2 * (H + W); }
+};
+
+template <typename acc_t>
+GaussianTables<acc_t> gaussian_tables(const std::vector<KeypointParams<acc_t>>& params, const std::vector<acc_t>& zx,
+                                      const std::vector<acc_t>& zy, acc_t variance) {
+  GaussianTables<acc_t> t{static_cast<int64_t>(zy.size()), static_cast<int64_t>(zx.size()), {}};
+  t.data.resize(params.size() * 2 * (t.H + t.W));
+  const int64_t per = 2 * (t.H + t.W);
+  at::parallel_for(0, static_cast<int64_t>(params.size()), std::max<int64_t>(1, 4096 / per), [&](int64_t lo, int64_t hi) {
+    for (int64_t bk = lo; bk < hi; ++bk) {
+      const auto& p = params[bk];
+      acc_t* d = t.data.data() + bk * per;
+      for (int64_t x = 0; x < t.W; ++x) {
+        d[x] = motion::gaussian_factor(zx[x], p.kd[0], variance);
+        d[t.W + x] = motion::gaussian_factor(zx[x], p.ks[0], variance);
+      }
+      for (int64_t y = 0; y < t.H; ++y) {
+        d[2 * t.W + y] = motion::gaussian_factor(zy[y], p.kd[1], variance);
+        d[2 * t.W + t.H + y] = motion::gaussian_factor(zy[y], p.ks[1], variance);
+      }
+    }
+  });
+  return t;
+}
+
+// Row tiles of the reductions: enough tasks for a few threads at small batch, one tile per image at
+// large batch (no partial buffers then). A function of the shapes only, for reproducibility.
+struct RowTiling {
+  int64_t tiles, rows;
+};
+
+RowTiling row_tiling(int64_t batch, int64_t height) {
+  const int64_t want = std::max<int64_t>(1, std::min<int64_t>(height, 16 / std::max<int64_t>(1, batch)));
+  const int64_t rows = (height + want - 1) / want;
+  return {(height + rows - 1) / rows, rows};
+}
+
+// ---------------------------------------------------------------------- sparse_motion_inputs
+template <typename scalar_t>
+void sparse_forward_kernel(const MotionGeometry& g, double variance, const scalar_t* src, const scalar_t* kps,
+                           const scalar_t* jacs, const scalar_t* kpd, const scalar_t* jacd,
+                           scalar_t* out /* contiguous (B,(K+1)(C+1),H,W) */) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t B = g.batch, K = g.keypoints, C = g.channels, H = g.height, W = g.width, HW = H * W;
+  const auto params = gather_keypoints<scalar_t, acc_t>(g, kps, jacs, kpd, jacd);
+  const auto affine = affines_of(params);
+  const auto zx = axis_coordinates<acc_t>(W), zy = axis_coordinates<acc_t>(H);
+  const auto gauss = gaussian_tables(params, zx, zy, static_cast<acc_t>(variance));
+  const Affine<acc_t> identity{{acc_t(1), acc_t(0), acc_t(0), acc_t(1)}, {acc_t(0), acc_t(0)}};
+  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, (K + 1) * W * (C + 2)));
+  at::parallel_for(0, B * H, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / H, y = task % H;
+      const acc_t z_y = zy[y];
+      const scalar_t* src_b = src + b * g.in_stride[0];
+      for (int64_t k = 0; k <= K; ++k) {
+        scalar_t* heat = out + (b * (K + 1) + k) * (C + 1) * HW + y * W;
+        if (k == 0) {
+          std::fill(heat, heat + W, scalar_t(0));
+        } else {
+          const acc_t* t = gauss.of(b * K + k - 1);
+          const acc_t gyd = t[2 * W + y], gys = t[2 * W + H + y];
+          for (int64_t x = 0; x < W; ++x) heat[x] = static_cast<scalar_t>(t[x] * gyd - t[W + x] * gys);
+        }
+        const Affine<acc_t>& a = k == 0 ? identity : affine[b * K + k - 1];
+        for (int64_t x = 0; x < W; ++x) {
+          acc_t mx, my;
+          if (k == 0) {
+            mx = zx[x];
+            my = z_y;
+          } else {
+            motion::apply_affine(a, zx[x], z_y, mx, my);
+          }
+          const auto taps = warp::bilinear_taps<acc_t>(mx, my, H, W, g.in_stride[2], g.in_stride[3]);
+          for (int64_t c = 0; c < C; ++c) {
+            const scalar_t* plane = src_b + c * g.in_stride[1];
+            acc_t v = 0;
+            for (int i = 0; i < 4; ++i) {
+              if (taps.valid[i]) v += taps.weight[i] * static_cast<acc_t>(plane[taps.offset[i]]);
+            }
+            heat[(1 + c) * HW + x] = static_cast<scalar_t>(v);
+          }
+        }
+      }
+    }
+  });
+}
+
+// Backward. Task (b, tile) owns partial slot `tile` of the source gradient of image b and its own
+// keypoint sums; both are reduced in tile order afterwards.
+template <typename scalar_t>
+void sparse_backward_kernel(const MotionGeometry& g, double variance, const scalar_t* grad, const scalar_t* src,
+                            const scalar_t* kps, const scalar_t* jacs, const scalar_t* kpd, const scalar_t* jacd,
+                            at::Tensor& grad_source, std::array<scalar_t*, 4> kp_out /* kps, jacs, kpd, jacd */) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t B = g.batch, K = g.keypoints, C = g.channels, H = g.height, W = g.width, HW = H * W;
+  const bool want_source = grad_source.defined();
+  const bool want_kp = kp_out[0] || kp_out[1] || kp_out[2] || kp_out[3];
+  const auto params = gather_keypoints<scalar_t, acc_t>(g, kps, jacs, kpd, jacd);
+  const auto affine = affines_of(params);
+  const auto zx = axis_coordinates<acc_t>(W), zy = axis_coordinates<acc_t>(H);
+  const acc_t var = static_cast<acc_t>(variance);
+  GaussianTables<acc_t> gauss{H, W, {}};
+  if (want_kp) gauss = gaussian_tables(params, zx, zy, var);
+  const Affine<acc_t> identity{{acc_t(1), acc_t(0), acc_t(0), acc_t(1)}, {acc_t(0), acc_t(0)}};
+  const acc_t sx = warp::grid_coord_scale<acc_t>(W), sy = warp::grid_coord_scale<acc_t>(H);
+  const RowTiling tiling = row_tiling(B, H);
+  const int64_t T = tiling.tiles;
+
+  // Source-gradient accumulation: straight into grad_source when one tile covers an image and the
+  // type needs no widening, else (B,T,C,H,W) partials in the accumulation type.
+  const bool direct = T == 1 && std::is_same_v<acc_t, scalar_t>;
+  at::Tensor partial;
+  acc_t* acc = nullptr;
+  if (want_source) {
+    if (direct) {
+      grad_source.zero_();
+      acc = reinterpret_cast<acc_t*>(grad_source.mutable_data_ptr<scalar_t>());
+    } else {
+      partial = at::zeros({B, T, C, H, W}, grad_source.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
+      acc = partial.mutable_data_ptr<acc_t>();
+    }
+  }
+  // Keypoint sums in double whatever the dtype: a 64x64 sum in float would cost ~1e-6 relative.
+  std::vector<double> sums(want_kp ? B * T * K * motion::kSparseSums : 0, 0.0);
+
+  at::parallel_for(0, B * T, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / T, tile = task % T;
+      const int64_t y0 = tile * tiling.rows, y1 = std::min(H, y0 + tiling.rows);
+      const scalar_t* src_b = src + b * g.in_stride[0];
+      const scalar_t* grad_b = grad + b * g.grad_stride[0];
+      acc_t* task_acc = acc ? acc + task * C * HW : nullptr;
+      double* task_sums = want_kp ? sums.data() + task * K * motion::kSparseSums : nullptr;
+      for (int64_t y = y0; y < y1; ++y) {
+        const acc_t z_y = zy[y];
+        for (int64_t k = 0; k <= K; ++k) {
+          if (k == 0 && !want_source) continue;  // T_0 has no parameters
+          const Affine<acc_t>& a = k == 0 ? identity : affine[b * K + k - 1];
+          const scalar_t* gk = grad_b + k * (C + 1) * g.grad_stride[1] + y * g.grad_stride[2];
+          double* s = (k > 0 && want_kp) ? task_sums + (k - 1) * motion::kSparseSums : nullptr;
+          const acc_t* gt = s ? gauss.of(b * K + k - 1) : nullptr;
+          const KeypointParams<acc_t>* p = k > 0 ? &params[b * K + k - 1] : nullptr;
+          for (int64_t x = 0; x < W; ++x) {
+            acc_t mx, my;
+            if (k == 0) {
+              mx = zx[x];
+              my = z_y;
+            } else {
+              motion::apply_affine(a, zx[x], z_y, mx, my);
+            }
+            const auto taps = warp::bilinear_taps<acc_t>(mx, my, H, W, g.in_stride[2], g.in_stride[3]);
+            const bool any_valid = taps.valid[0] || taps.valid[1] || taps.valid[2] || taps.valid[3];
+            acc_t gix = 0, giy = 0;
+            if (any_valid) {
+              int64_t acc_off[4] = {0, 0, 0, 0};
+              if (task_acc) {
+                for (int i = 0; i < 4; ++i) acc_off[i] = taps.valid[i] ? motion::tap_offset_in(taps, i, W, 1) : 0;
+              }
+              for (int64_t c = 0; c < C; ++c) {
+                const acc_t gv = static_cast<acc_t>(gk[(1 + c) * g.grad_stride[1] + x * g.grad_stride[3]]);
+                if (s) {
+                  const scalar_t* plane = src_b + c * g.in_stride[1];
+                  acc_t v[4];
+                  for (int i = 0; i < 4; ++i) v[i] = taps.valid[i] ? static_cast<acc_t>(plane[taps.offset[i]]) : acc_t(0);
+                  warp::accumulate_coord_grad(taps, v[0], v[1], v[2], v[3], gv, gix, giy);
+                }
+                if (task_acc) {
+                  acc_t* plane = task_acc + c * HW;
+                  for (int i = 0; i < 4; ++i) {
+                    if (taps.valid[i]) plane[acc_off[i]] += taps.weight[i] * gv;
+                  }
+                }
+              }
+            }
+            if (s) {
+              motion::accumulate_affine_grad(s, gix * sx, giy * sy, zx[x], z_y);
+              const acc_t gh = static_cast<acc_t>(gk[x * g.grad_stride[3]]);
+              motion::accumulate_heat_grad(s, gh, gt[x] * gt[2 * W + y], gt[W + x] * gt[2 * W + H + y], zx[x], z_y,
+                                           *p);
+            }
+          }
+        }
+      }
+    }
+  });
+
+  if (want_source && !direct) {
+    // Sum the tile partials in tile order, element-parallel.
+    scalar_t* out = grad_source.mutable_data_ptr<scalar_t>();
+    const int64_t plane = C * HW;
+    at::parallel_for(0, B * plane, 16384, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        const int64_t b = i / plane, e = i % plane;
+        const acc_t* base = acc + b * T * plane + e;
+        acc_t v = base[0];
+        for (int64_t t = 1; t < T; ++t) v += base[t * plane];
+        out[i] = to_output<scalar_t>(v);
+      }
+    });
+  }
+  if (want_kp) {
+    for (int64_t b = 0; b < B; ++b) {
+      for (int64_t k = 0; k < K; ++k) {
+        double total[motion::kSparseSums] = {};
+        for (int64_t t = 0; t < T; ++t) {
+          const double* s = sums.data() + ((b * T + t) * K + k) * motion::kSparseSums;
+          for (int i = 0; i < motion::kSparseSums; ++i) total[i] += s[i];
+        }
+        acc_t g_kps[2] = {}, g_jacs[4] = {}, g_kpd[2] = {}, g_jacd[4] = {};
+        motion::keypoint_grads_from_sums(params[b * K + k], total, true, var, g_kps, g_jacs, g_kpd, g_jacd);
+        const int64_t bk = b * K + k;
+        for (int i = 0; i < 2; ++i) {
+          if (kp_out[0]) kp_out[0][bk * 2 + i] = to_output<scalar_t>(g_kps[i]);
+          if (kp_out[2]) kp_out[2][bk * 2 + i] = to_output<scalar_t>(g_kpd[i]);
+        }
+        for (int i = 0; i < 4; ++i) {
+          if (kp_out[1]) kp_out[1][bk * 4 + i] = to_output<scalar_t>(g_jacs[i]);
+          if (kp_out[3]) kp_out[3][bk * 4 + i] = to_output<scalar_t>(g_jacd[i]);
+        }
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------- dense_motion
+template <typename scalar_t>
+void dense_forward_kernel(const MotionGeometry& g, const scalar_t* logits, const scalar_t* kps, const scalar_t* jacs,
+                          const scalar_t* kpd, const scalar_t* jacd, scalar_t* deformation /* (B,H,W,2) */,
+                          scalar_t* mask /* (B,K+1,H,W) */) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t B = g.batch, K = g.keypoints, H = g.height, W = g.width, HW = H * W;
+  const auto params = gather_keypoints<scalar_t, acc_t>(g, kps, jacs, kpd, jacd);
+  const auto affine = affines_of(params);
+  const auto zx = axis_coordinates<acc_t>(W), zy = axis_coordinates<acc_t>(H);
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, (K + 1) * W));
+  at::parallel_for(0, B * H, grain, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> e((K + 1) * W), top(W), total(W), dx(W), dy(W);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / H, y = task % H;
+      const scalar_t* lrow = logits + b * g.in_stride[0] + y * g.in_stride[2];
+      std::fill(top.begin(), top.end(), -std::numeric_limits<acc_t>::infinity());
+      for (int64_t k = 0; k <= K; ++k) {
+        for (int64_t x = 0; x < W; ++x) {
+          const acc_t v = static_cast<acc_t>(lrow[k * g.in_stride[1] + x * g.in_stride[3]]);
+          e[k * W + x] = v;
+          top[x] = std::max(top[x], v);
+        }
+      }
+      std::fill(total.begin(), total.end(), acc_t(0));
+      for (int64_t k = 0; k <= K; ++k) {
+        for (int64_t x = 0; x < W; ++x) {
+          const acc_t v = motion::exp_t(e[k * W + x] - top[x]);
+          e[k * W + x] = v;
+          total[x] += v;
+        }
+      }
+      std::fill(dx.begin(), dx.end(), acc_t(0));
+      std::fill(dy.begin(), dy.end(), acc_t(0));
+      for (int64_t k = 0; k <= K; ++k) {
+        scalar_t* mrow = mask + (b * (K + 1) + k) * HW + y * W;
+        for (int64_t x = 0; x < W; ++x) {
+          const acc_t m = e[k * W + x] / total[x];
+          mrow[x] = static_cast<scalar_t>(m);
+          acc_t mx = zx[x], my = zy[y];
+          if (k > 0) motion::apply_affine(affine[b * K + k - 1], zx[x], zy[y], mx, my);
+          dx[x] += m * mx;
+          dy[x] += m * my;
+        }
+      }
+      scalar_t* drow = deformation + (b * H + y) * W * 2;
+      for (int64_t x = 0; x < W; ++x) {
+        drow[2 * x] = to_output<scalar_t>(dx[x]);
+        drow[2 * x + 1] = to_output<scalar_t>(dy[x]);
+      }
+    }
+  });
+}
+
+template <typename scalar_t>
+void dense_backward_kernel(const MotionGeometry& g, const scalar_t* grad_def, const scalar_t* grad_mask,
+                           const scalar_t* logits, const scalar_t* kps, const scalar_t* jacs, const scalar_t* kpd,
+                           const scalar_t* jacd, scalar_t* grad_logits /* (B,K+1,H,W) or null */,
+                           std::array<scalar_t*, 4> kp_out) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t B = g.batch, K = g.keypoints, H = g.height, W = g.width, HW = H * W;
+  const bool want_kp = kp_out[0] || kp_out[1] || kp_out[2] || kp_out[3];
+  const auto params = gather_keypoints<scalar_t, acc_t>(g, kps, jacs, kpd, jacd);
+  const auto affine = affines_of(params);
+  const auto zx = axis_coordinates<acc_t>(W), zy = axis_coordinates<acc_t>(H);
+  const RowTiling tiling = row_tiling(B, H);
+  const int64_t T = tiling.tiles;
+  std::vector<double> sums(want_kp ? B * T * K * motion::kDenseSums : 0, 0.0);
+  at::parallel_for(0, B * T, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> m((K + 1) * W), top(W), total(W), wsum(W), gdx(W), gdy(W);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / T, tile = task % T;
+      const int64_t y0 = tile * tiling.rows, y1 = std::min(H, y0 + tiling.rows);
+      double* task_sums = want_kp ? sums.data() + task * K * motion::kDenseSums : nullptr;
+      for (int64_t y = y0; y < y1; ++y) {
+        const scalar_t* lrow = logits + b * g.in_stride[0] + y * g.in_stride[2];
+        const scalar_t* gmrow = grad_mask + b * g.grad_stride[0] + y * g.grad_stride[2];
+        const scalar_t* gdrow = grad_def + b * g.gdef_stride[0] + y * g.gdef_stride[1];
+        std::fill(top.begin(), top.end(), -std::numeric_limits<acc_t>::infinity());
+        for (int64_t k = 0; k <= K; ++k) {
+          for (int64_t x = 0; x < W; ++x) {
+            const acc_t v = static_cast<acc_t>(lrow[k * g.in_stride[1] + x * g.in_stride[3]]);
+            m[k * W + x] = v;
+            top[x] = std::max(top[x], v);
+          }
+        }
+        std::fill(total.begin(), total.end(), acc_t(0));
+        for (int64_t k = 0; k <= K; ++k) {
+          for (int64_t x = 0; x < W; ++x) {
+            const acc_t v = motion::exp_t(m[k * W + x] - top[x]);
+            m[k * W + x] = v;
+            total[x] += v;
+          }
+        }
+        for (int64_t x = 0; x < W; ++x) {
+          gdx[x] = static_cast<acc_t>(gdrow[x * g.gdef_stride[2]]);
+          gdy[x] = static_cast<acc_t>(gdrow[x * g.gdef_stride[2] + g.gdef_stride[3]]);
+        }
+        for (int64_t k = 0; k <= K; ++k) {
+          for (int64_t x = 0; x < W; ++x) m[k * W + x] /= total[x];
+        }
+        if (grad_logits) {
+          // gm_k = grad_mask_k + gd . T_k(z); grad_logit_k = m_k (gm_k - sum_j m_j gm_j). gm_k is
+          // recomputed in the second pass rather than stored: it is cheap.
+          auto gm_at = [&](int64_t k, int64_t x) {
+            acc_t mx = zx[x], my = zy[y];
+            if (k > 0) motion::apply_affine(affine[b * K + k - 1], zx[x], zy[y], mx, my);
+            return static_cast<acc_t>(gmrow[k * g.grad_stride[1] + x * g.grad_stride[3]]) + (gdx[x] * mx + gdy[x] * my);
+          };
+          std::fill(wsum.begin(), wsum.end(), acc_t(0));
+          for (int64_t k = 0; k <= K; ++k) {
+            for (int64_t x = 0; x < W; ++x) wsum[x] += m[k * W + x] * gm_at(k, x);
+          }
+          for (int64_t k = 0; k <= K; ++k) {
+            scalar_t* out = grad_logits + (b * (K + 1) + k) * HW + y * W;
+            for (int64_t x = 0; x < W; ++x) out[x] = to_output<scalar_t>(motion::softmax_grad(m[k * W + x], gm_at(k, x), wsum[x]));
+          }
+        }
+        if (task_sums) {
+          for (int64_t k = 1; k <= K; ++k) {
+            double* s = task_sums + (k - 1) * motion::kDenseSums;
+            for (int64_t x = 0; x < W; ++x) {
+              const acc_t w = m[k * W + x];
+              motion::accumulate_affine_grad(s, w * gdx[x], w * gdy[x], zx[x], zy[y]);
+            }
+          }
+        }
+      }
+    }
+  });
+  if (want_kp) {
+    for (int64_t b = 0; b < B; ++b) {
+      for (int64_t k = 0; k < K; ++k) {
+        double total[motion::kDenseSums] = {};
+        for (int64_t t = 0; t < T; ++t) {
+          const double* s = sums.data() + ((b * T + t) * K + k) * motion::kDenseSums;
+          for (int i = 0; i < motion::kDenseSums; ++i) total[i] += s[i];
+        }
+        acc_t g_kps[2] = {}, g_jacs[4] = {}, g_kpd[2] = {}, g_jacd[4] = {};
+        motion::keypoint_grads_from_sums(params[b * K + k], total, false, acc_t(1), g_kps, g_jacs, g_kpd, g_jacd);
+        const int64_t bk = b * K + k;
+        for (int i = 0; i < 2; ++i) {
+          if (kp_out[0]) kp_out[0][bk * 2 + i] = to_output<scalar_t>(g_kps[i]);
+          if (kp_out[2]) kp_out[2][bk * 2 + i] = to_output<scalar_t>(g_kpd[i]);
+        }
+        for (int i = 0; i < 4; ++i) {
+          if (kp_out[1]) kp_out[1][bk * 4 + i] = to_output<scalar_t>(g_jacs[i]);
+          if (kp_out[3]) kp_out[3][bk * 4 + i] = to_output<scalar_t>(g_jacd[i]);
+        }
+      }
+    }
+  }
+}
+
+template <typename scalar_t>
+const scalar_t* ptr_or_null(const c10::optional<at::Tensor>& t) {
+  return t.has_value() ? t->const_data_ptr<scalar_t>() : nullptr;
+}
+
+// The four keypoint-gradient outputs: fresh contiguous tensors where asked for (and the Jacobian is
+// present), distinct empty tensors elsewhere (custom-op outputs may not alias).
+std::array<at::Tensor, 4> keypoint_grad_outputs(const at::Tensor& kp_source,
+                                                const c10::optional<at::Tensor>& jac_source,
+                                                const c10::optional<at::Tensor>& jac_driving,
+                                                const std::array<bool, 5>& mask) {
+  const int64_t B = kp_source.size(0), K = kp_source.size(1);
+  const auto opts = kp_source.options();
+  const bool want[4] = {mask[1], mask[2] && jac_source.has_value(), mask[3], mask[4] && jac_driving.has_value()};
+  std::array<at::Tensor, 4> out;
+  for (int i = 0; i < 4; ++i) {
+    if (!want[i]) {
+      out[i] = at::empty({0}, opts);
+    } else {
+      out[i] = i % 2 == 0 ? at::empty({B, K, 2}, opts) : at::empty({B, K, 2, 2}, opts);
+      poison(out[i]);
+    }
+  }
+  return out;
+}
+
+template <typename scalar_t>
+std::array<scalar_t*, 4> kp_pointers(std::array<at::Tensor, 4>& grads) {
+  std::array<scalar_t*, 4> p{};
+  for (int i = 0; i < 4; ++i) p[i] = grads[i].numel() > 0 ? grads[i].mutable_data_ptr<scalar_t>() : nullptr;
+  return p;
+}
+
+}  // namespace
+
+at::Tensor sparse_motion_inputs_forward(const at::Tensor& source, const at::Tensor& kp_source,
+                                        const c10::optional<at::Tensor>& jac_source, const at::Tensor& kp_driving,
+                                        const c10::optional<at::Tensor>& jac_driving, double variance) {
+  const int64_t K = check_sparse_args(source, kp_source, jac_source, kp_driving, jac_driving, variance);
+  const int64_t B = source.size(0), C = source.size(1), H = source.size(2), W = source.size(3);
+  auto out = at::empty({B, (K + 1) * (C + 1), H, W}, source.options());
+  if (out.numel() == 0) return out;
+  poison(out);
+  const auto g = make_motion_geometry(source, kp_source, jac_source, kp_driving, jac_driving, nullptr, nullptr);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, source.scalar_type(), "sparse_motion_inputs_fwd_cpu", [&] {
+    sparse_forward_kernel<scalar_t>(g, variance, source.const_data_ptr<scalar_t>(), kp_source.const_data_ptr<scalar_t>(),
+                                    ptr_or_null<scalar_t>(jac_source), kp_driving.const_data_ptr<scalar_t>(),
+                                    ptr_or_null<scalar_t>(jac_driving), out.mutable_data_ptr<scalar_t>());
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sparse_motion_inputs_backward(
+    const at::Tensor& grad, const at::Tensor& source, const at::Tensor& kp_source,
+    const c10::optional<at::Tensor>& jac_source, const at::Tensor& kp_driving,
+    const c10::optional<at::Tensor>& jac_driving, double variance, std::array<bool, 5> output_mask) {
+  const int64_t K = check_sparse_args(source, kp_source, jac_source, kp_driving, jac_driving, variance);
+  const int64_t B = source.size(0), C = source.size(1), H = source.size(2), W = source.size(3);
+  check_grad_shape("sparse_motion_inputs backward: grad", grad, {B, (K + 1) * (C + 1), H, W}, source);
+  at::Tensor grad_source = output_mask[0] ? at::empty(source.sizes(), source.options()) : at::empty({0}, source.options());
+  poison(grad_source);
+  auto kp_grads = keypoint_grad_outputs(kp_source, jac_source, jac_driving, output_mask);
+  const bool want_kp = kp_grads[0].numel() + kp_grads[1].numel() + kp_grads[2].numel() + kp_grads[3].numel() > 0;
+  if (output_mask[0] || want_kp) {
+    const auto g = make_motion_geometry(source, kp_source, jac_source, kp_driving, jac_driving, &grad, nullptr);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, source.scalar_type(), "sparse_motion_inputs_bwd_cpu", [&] {
+      at::Tensor gs = output_mask[0] ? grad_source : at::Tensor();
+      sparse_backward_kernel<scalar_t>(g, variance, grad.const_data_ptr<scalar_t>(), source.const_data_ptr<scalar_t>(),
+                                       kp_source.const_data_ptr<scalar_t>(), ptr_or_null<scalar_t>(jac_source),
+                                       kp_driving.const_data_ptr<scalar_t>(), ptr_or_null<scalar_t>(jac_driving), gs,
+                                       kp_pointers<scalar_t>(kp_grads));
+    });
+  }
+  return {grad_source, kp_grads[0], kp_grads[1], kp_grads[2], kp_grads[3]};
+}
+
+std::tuple<at::Tensor, at::Tensor> dense_motion_forward(const at::Tensor& mask_logits, const at::Tensor& kp_source,
+                                                        const c10::optional<at::Tensor>& jac_source,
+                                                        const at::Tensor& kp_driving,
+                                                        const c10::optional<at::Tensor>& jac_driving) {
+  check_dense_args(mask_logits, kp_source, jac_source, kp_driving, jac_driving);
+  const int64_t B = mask_logits.size(0), H = mask_logits.size(2), W = mask_logits.size(3);
+  auto deformation = at::empty({B, H, W, 2}, mask_logits.options());
+  auto mask = at::empty(mask_logits.sizes(), mask_logits.options());
+  if (mask.numel() == 0) return {deformation, mask};
+  poison(deformation);
+  poison(mask);
+  const auto g = make_motion_geometry(mask_logits, kp_source, jac_source, kp_driving, jac_driving, nullptr, nullptr);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, mask_logits.scalar_type(), "dense_motion_fwd_cpu", [&] {
+    dense_forward_kernel<scalar_t>(g, mask_logits.const_data_ptr<scalar_t>(), kp_source.const_data_ptr<scalar_t>(),
+                                   ptr_or_null<scalar_t>(jac_source), kp_driving.const_data_ptr<scalar_t>(),
+                                   ptr_or_null<scalar_t>(jac_driving), deformation.mutable_data_ptr<scalar_t>(),
+                                   mask.mutable_data_ptr<scalar_t>());
+  });
+  return {deformation, mask};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dense_motion_backward(
+    const at::Tensor& grad_deformation, const at::Tensor& grad_mask, const at::Tensor& mask_logits,
+    const at::Tensor& kp_source, const c10::optional<at::Tensor>& jac_source, const at::Tensor& kp_driving,
+    const c10::optional<at::Tensor>& jac_driving, std::array<bool, 5> output_mask) {
+  check_dense_args(mask_logits, kp_source, jac_source, kp_driving, jac_driving);
+  const int64_t B = mask_logits.size(0), H = mask_logits.size(2), W = mask_logits.size(3);
+  check_grad_shape("dense_motion backward: grad_deformation", grad_deformation, {B, H, W, 2}, mask_logits);
+  check_grad_shape("dense_motion backward: grad_mask", grad_mask, mask_logits.sizes(), mask_logits);
+  at::Tensor grad_logits =
+      output_mask[0] ? at::empty(mask_logits.sizes(), mask_logits.options()) : at::empty({0}, mask_logits.options());
+  poison(grad_logits);
+  auto kp_grads = keypoint_grad_outputs(kp_source, jac_source, jac_driving, output_mask);
+  const bool want_kp = kp_grads[0].numel() + kp_grads[1].numel() + kp_grads[2].numel() + kp_grads[3].numel() > 0;
+  if ((output_mask[0] && grad_logits.numel() > 0) || want_kp) {
+    const auto g = make_motion_geometry(mask_logits, kp_source, jac_source, kp_driving, jac_driving, &grad_mask,
+                                        &grad_deformation);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, mask_logits.scalar_type(), "dense_motion_bwd_cpu", [&] {
+      dense_backward_kernel<scalar_t>(g, grad_deformation.const_data_ptr<scalar_t>(),
+                                      grad_mask.const_data_ptr<scalar_t>(), mask_logits.const_data_ptr<scalar_t>(),
+                                      kp_source.const_data_ptr<scalar_t>(), ptr_or_null<scalar_t>(jac_source),
+                                      kp_driving.const_data_ptr<scalar_t>(), ptr_or_null<scalar_t>(jac_driving),
+                                      output_mask[0] && grad_logits.numel() > 0
+                                          ? grad_logits.mutable_data_ptr<scalar_t>()
+                                          : nullptr,
+                                      kp_pointers<scalar_t>(kp_grads));
+    });
+  }
+  return {grad_logits, kp_grads[0], kp_grads[1], kp_grads[2], kp_grads[3]};
+}
+
+}  // namespace cpu
+}  // namespace dagan_fast
