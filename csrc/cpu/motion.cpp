@@ -233,6 +233,8 @@ void sparse_backward_kernel(const MotionGeometry& g, double variance, const scal
           double* s = (k > 0 && want_kp) ? task_sums + (k - 1) * motion::kSparseSums : nullptr;
           const acc_t* gt = s ? gauss.of(b * K + k - 1) : nullptr;
           const KeypointParams<acc_t>* p = k > 0 ? &params[b * K + k - 1] : nullptr;
+          // Row sums in the accumulation type, added to the task's double sums once per row.
+          acc_t row[motion::kSparseSums] = {};
           for (int64_t x = 0; x < W; ++x) {
             acc_t mx, my;
             if (k == 0) {
@@ -245,10 +247,9 @@ void sparse_backward_kernel(const MotionGeometry& g, double variance, const scal
             const bool any_valid = taps.valid[0] || taps.valid[1] || taps.valid[2] || taps.valid[3];
             acc_t gix = 0, giy = 0;
             if (any_valid) {
-              int64_t acc_off[4] = {0, 0, 0, 0};
-              if (task_acc) {
-                for (int i = 0; i < 4; ++i) acc_off[i] = taps.valid[i] ? motion::tap_offset_in(taps, i, W, 1) : 0;
-              }
+              // Tap offsets in the contiguous accumulation plane (only valid taps are used).
+              const int64_t acc_base = motion::tap_offset_in(taps, 0, W, 1);
+              const int64_t acc_off[4] = {acc_base, acc_base + 1, acc_base + W, acc_base + W + 1};
               for (int64_t c = 0; c < C; ++c) {
                 const acc_t gv = static_cast<acc_t>(gk[(1 + c) * g.grad_stride[1] + x * g.grad_stride[3]]);
                 if (s) {
@@ -266,11 +267,14 @@ void sparse_backward_kernel(const MotionGeometry& g, double variance, const scal
               }
             }
             if (s) {
-              motion::accumulate_affine_grad(s, gix * sx, giy * sy, zx[x], z_y);
+              motion::accumulate_affine_grad(row, gix * sx, giy * sy, zx[x], z_y);
               const acc_t gh = static_cast<acc_t>(gk[x * g.grad_stride[3]]);
-              motion::accumulate_heat_grad(s, gh, gt[x] * gt[2 * W + y], gt[W + x] * gt[2 * W + H + y], zx[x], z_y,
+              motion::accumulate_heat_grad(row, gh, gt[x] * gt[2 * W + y], gt[W + x] * gt[2 * W + H + y], zx[x], z_y,
                                            *p);
             }
+          }
+          if (s) {
+            for (int i = 0; i < motion::kSparseSums; ++i) s[i] += static_cast<double>(row[i]);
           }
         }
       }
@@ -436,10 +440,12 @@ void dense_backward_kernel(const MotionGeometry& g, const scalar_t* grad_def, co
         if (task_sums) {
           for (int64_t k = 1; k <= K; ++k) {
             double* s = task_sums + (k - 1) * motion::kDenseSums;
+            acc_t row[motion::kDenseSums] = {};  // row sums, added to the double sums once per row
             for (int64_t x = 0; x < W; ++x) {
               const acc_t w = m[k * W + x];
-              motion::accumulate_affine_grad(s, w * gdx[x], w * gdy[x], zx[x], zy[y]);
+              motion::accumulate_affine_grad(row, w * gdx[x], w * gdy[x], zx[x], zy[y]);
             }
+            for (int i = 0; i < motion::kDenseSums; ++i) s[i] += static_cast<double>(row[i]);
           }
         }
       }
