@@ -6,7 +6,9 @@ import torch
 import torch.nn.functional as F
 
 import dagan_fast
-from dagan_fast.ops import BackendError, warp_occlusion
+from dagan_fast import _backends
+from dagan_fast.nn import FusedWarp
+from dagan_fast.ops import BackendError, reference, warp_occlusion
 from conftest import backends_for, compiled_backends_for, gpu, rel_err
 
 BACKENDS = backends_for("warp_occlusion")
@@ -131,13 +133,21 @@ def test_gradcheck_float64(backend):
     x, grid, occ = make_inputs(2, 3, 5, 6, 4, 3, dtype=torch.float64, spread=1.1, seed=11)
     # keep grid points away from pixel-centre kinks, where the bilinear map is not differentiable
     inputs = [t.requires_grad_() for t in (x, grid, occ)]
-    assert torch.autograd.gradcheck(lambda a, b, c: warp_occlusion(a, b, c, backend=backend), inputs)
-    assert torch.autograd.gradcheck(lambda a, b: warp_occlusion(a, b, None, backend=backend), inputs[:2])
+    # The Triton interpreter costs ~20 ms a launch and a full Jacobian takes ~1000 launches: check random
+    # projections there (the full gradients are compared with the reference in the tests below).
+    fast = backend == "triton"
+    assert torch.autograd.gradcheck(lambda a, b, c: warp_occlusion(a, b, c, backend=backend), inputs,
+                                    fast_mode=fast)
+    assert torch.autograd.gradcheck(lambda a, b: warp_occlusion(a, b, None, backend=backend), inputs[:2],
+                                    fast_mode=fast)
 
 
 @pytest.mark.parametrize("backend", COMPILED)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_low_precision_forward_and_backward(backend, dtype):
+    reasons = _backends.get_backend(backend).not_supported_reasons("warp_occlusion", [torch.zeros(1, dtype=dtype)])
+    if reasons:  # bf16 under the Triton interpreter
+        pytest.skip("; ".join(reasons))
     x, grid, occ = make_inputs(2, 9, 10, 12, 7, 8, dtype=dtype)
     out = warp_occlusion(x, grid, occ, backend=backend)
     assert out.dtype == dtype
@@ -225,6 +235,176 @@ def test_value_checks_can_be_skipped():
     with dagan_fast.ops.skip_value_checks():
         out = warp_occlusion(x, grid, occ, backend="reference")
     assert out.shape == (1, 2, 3, 3)
+
+
+# --------------------------------------------------------------------------------------------
+# Triton kernels (through the interpreter on CPU): contract, layouts, boundaries, block plans
+# --------------------------------------------------------------------------------------------
+triton_only = pytest.mark.skipif("triton" not in BACKENDS, reason="triton backend unavailable here: "
+                                 + dagan_fast.ops.available_backends()["triton"].detail)
+MASKS = [(True, True, True), (True, False, False), (False, True, False), (False, False, True),
+         (True, True, False), (False, True, True), (False, False, False)]
+
+
+def backward_op(grad, x, grid, occ, backend, mask):
+    return torch.ops.dagan_fast.warp_occlusion_backward(grad, x, grid, occ, backend, list(mask))
+
+
+def reference_grads(grad, x, grid, occ, mask):
+    """The reference backward in float64 (the spec, clamped grid included)."""
+    d = [t.double() if t is not None else None for t in (grad, x, grid, occ)]
+    return reference.warp_occlusion_backward(*d, mask)
+
+
+def assert_grads_match(got, want, mask, has_occ, dtype=torch.float32, tol=1e-5):
+    for i, (name, g, w) in enumerate(zip(("input", "grid", "occlusion"), got, want)):
+        if mask[i] and (i < 2 or has_occ):
+            assert g.dtype == dtype and g.is_contiguous() and g.shape == w.shape, name
+            assert torch.isfinite(g).all(), f"{name}: unwritten (NaN poison) or non-finite"
+            assert rel_err(g, w) < tol, (name, rel_err(g, w))
+        else:
+            assert g.shape == (0,), name
+
+
+@triton_only
+@pytest.mark.parametrize("with_occ", [True, False])
+def test_triton_backward_masks_and_multi_block_shapes(with_occ, poison_outputs):
+    # 37*29 pixels: two pixel tiles, the second partial; 11 channels: a full and a partial channel chunk
+    x, grid, occ = make_inputs(2, 11, 9, 13, 37, 29, spread=1.2, seed=21, occlusion=with_occ)
+    grad = torch.randn(2, 11, 37, 29, generator=torch.Generator().manual_seed(22))
+    out = warp_occlusion(x, grid, occ, backend="triton")
+    assert rel_err(out, oracle(x.double(), grid.double(), None if occ is None else occ.double())) < 1e-5
+    for mask in MASKS:
+        got = backward_op(grad, x, grid, occ, "triton", mask)
+        assert_grads_match(got, reference_grads(grad, x, grid, occ, mask), mask, with_occ)
+
+
+@triton_only
+def test_triton_float64_matches_reference_to_rounding():
+    x, grid, occ = make_inputs(2, 5, 7, 6, 9, 8, dtype=torch.float64, seed=23)
+    grad = torch.randn(2, 5, 9, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(24))
+    assert rel_err(warp_occlusion(x, grid, occ, backend="triton"), oracle(x, grid, occ)) < 1e-13
+    got = backward_op(grad, x, grid, occ, "triton", (True, True, True))
+    assert_grads_match(got, reference_grads(grad, x, grid, occ, (True,) * 3), (True,) * 3, True,
+                       dtype=torch.float64, tol=1e-12)
+
+
+@triton_only
+def test_triton_layouts_backward():
+    x, grid, occ = make_inputs(2, 8, 12, 10, 9, 11, seed=25)
+    grad = torch.randn(2, 8, 9, 11, generator=torch.Generator().manual_seed(26))
+    want = reference_grads(grad, x, grid, occ, (True,) * 3)
+    x_cl = x.contiguous(memory_format=torch.channels_last)
+    x_sliced = torch.randn(2, 16, 12, 20)[:, ::2, :, ::2]
+    x_sliced.copy_(x)
+    grid_nc = grid.transpose(1, 2).contiguous().transpose(1, 2)
+    occ_nc = occ.expand(2, 3, 9, 11)[:, 1:2]
+    grad_cl = grad.contiguous(memory_format=torch.channels_last)
+    for xi, gi in ((x_cl, grad_cl), (x_sliced, grad.transpose(2, 3).contiguous().transpose(2, 3))):
+        assert not xi.is_contiguous() and not gi.is_contiguous()
+        got = backward_op(gi, xi, grid_nc, occ_nc, "triton", (True,) * 3)
+        assert_grads_match(got, want, (True,) * 3, True)
+    # grad_output of out.sum(): stride 0 everywhere
+    ones = torch.ones(1, 1, 1, 1).expand(2, 8, 9, 11)
+    got = backward_op(ones, x_cl, grid_nc, occ_nc, "triton", (True,) * 3)
+    assert_grads_match(got, reference_grads(ones, x, grid, occ, (True,) * 3), (True,) * 3, True)
+
+
+@triton_only
+def test_triton_boundary_far_and_inf_grids_backward(poison_outputs):
+    x, _, occ = make_inputs(2, 5, 6, 7, 8, 9, seed=27)
+    values = torch.tensor([-1e6, -50.0, -3.0, -1.0 - 2 / 7, -1.0 - 1 / 7, -1.0, -1 + 1 / 7, 0.0, 1 - 1 / 7, 1.0,
+                           1 + 1 / 7, 1 + 2 / 7, 3.0, 50.0, 1e6, float("inf"), float("-inf")])
+    g = torch.Generator().manual_seed(28)
+    grid = values[torch.randint(len(values), (2, 8, 9, 2), generator=g)]
+    grid[:, :4] = (torch.rand(2, 4, 9, 2, generator=g) * 2 - 1) * 1.2  # some ordinary points too
+    grad = torch.randn(2, 5, 8, 9, generator=g)
+    got = backward_op(grad, x, grid, occ, "triton", (True,) * 3)
+    assert_grads_match(got, reference_grads(grad, x, grid, occ, (True,) * 3), (True,) * 3, True)
+    outside = (grid.abs() > 1 + 2 / 6).any(-1)  # every tap outside: no value, no gradient
+    assert outside.any() and (got[1][outside] == 0).all() and (got[2][:, 0][outside] == 0).all()
+
+
+@triton_only
+def test_triton_occlusion_exactly_zero_and_one_backward():
+    x, grid, _ = make_inputs(2, 6, 8, 8, 8, 8, seed=29)
+    grad = torch.randn(2, 6, 8, 8, generator=torch.Generator().manual_seed(30))
+    zeros, ones = torch.zeros(2, 1, 8, 8), torch.ones(2, 1, 8, 8)
+    gi, gg, go = backward_op(grad, x, grid, zeros, "triton", (True,) * 3)
+    assert (gi == 0).all() and (gg == 0).all()
+    assert rel_err(go, reference_grads(grad, x, grid, zeros, (True,) * 3)[2]) < 1e-5
+    got = backward_op(grad, x, grid, ones, "triton", (True,) * 3)
+    want = reference_grads(grad, x, grid, None, (True, True, False))
+    assert rel_err(got[0], want[0]) < 1e-5 and rel_err(got[1], want[1]) < 1e-5
+
+
+@triton_only
+def test_triton_float16_channels_last_without_occlusion():
+    x, grid, _ = make_inputs(2, 9, 10, 12, 7, 8, dtype=torch.float16, seed=31, occlusion=False)
+    x = x.contiguous(memory_format=torch.channels_last)
+    exact = oracle(x.double(), grid.double(), None)
+    out = warp_occlusion(x, grid, None, backend="triton")
+    assert out.dtype == torch.float16
+    assert rel_err(out, exact) <= 2 * rel_err(oracle(x, grid, None), exact) + 1e-3
+    grad = torch.randn(2, 9, 7, 8, generator=torch.Generator().manual_seed(32)).half()
+    gi, gg, go = backward_op(grad, x, grid, None, "triton", (True, True, True))
+    want = reference_grads(grad, x, grid, None, (True, True, False))
+    assert gi.dtype == gg.dtype == torch.float16 and go.shape == (0,)
+    assert rel_err(gi, want[0]) < 3e-2 and rel_err(gg, want[1]) < 3e-2
+
+
+@triton_only
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_triton_gpu_block_plan_under_interpreter(monkeypatch, poison_outputs, channels_last):
+    """The GPU heuristic (small tiles, channels split across programs) run by the interpreter."""
+    from dagan_fast.ops.triton import warp as triton_warp
+
+    monkeypatch.setattr(triton_warp, "_interpreting", lambda t: False)
+    monkeypatch.setattr(triton_warp, "_target_programs", lambda device: 64)
+    x, grid, occ = make_inputs(2, 19, 9, 13, 11, 7, spread=1.2, seed=33)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    plan = triton_warp._Plan(x, grid, split_channels=True)
+    assert plan.grid[2] > 1 or channels_last  # NCHW: 19 channels over several programs
+    assert triton_warp._Plan(x, grid, split_channels=False).grid[2] == 1
+    assert rel_err(warp_occlusion(x, grid, occ, backend="triton"), oracle(x, grid, occ)) < 1e-5
+    grad = torch.randn(2, 19, 11, 7, generator=torch.Generator().manual_seed(34))
+    for mask in ((True, True, True), (True, False, False)):  # the second splits channels across programs
+        got = backward_op(grad, x, grid, occ, "triton", mask)
+        assert_grads_match(got, reference_grads(grad, x, grid, occ, mask), mask, True)
+
+
+@triton_only
+def test_triton_backward_alerts_in_deterministic_mode():
+    from dagan_fast.ops.triton import warp as triton_warp
+
+    triton_warp._alert_not_deterministic()  # deterministic mode off: silent
+    try:
+        torch.use_deterministic_algorithms(True)
+        with pytest.raises(RuntimeError, match="not deterministic"):
+            triton_warp._alert_not_deterministic()
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        with pytest.warns(UserWarning, match="not deterministic"):
+            triton_warp._alert_not_deterministic()
+    finally:
+        torch.use_deterministic_algorithms(False)
+
+
+@pytest.mark.parametrize("backend", [None] + BACKENDS)
+def test_fused_warp_module(backend):
+    x, grid, occ = make_inputs(2, 4, 7, 9, 6, 5, seed=35)
+    warp = FusedWarp(backend=backend)
+    assert isinstance(warp, torch.nn.Module) and repr(warp) == f"FusedWarp(backend={backend!r})"
+    assert dagan_fast.nn.FusedWarp is FusedWarp
+    leaves = [t.clone().requires_grad_() for t in (x, grid, occ)]
+    out = warp(*leaves)
+    assert rel_err(out, oracle(x, grid, occ)) < 1e-5
+    assert rel_err(warp(x, grid), oracle(x, grid, None)) < 1e-5
+    out.backward(torch.ones_like(out))
+    ref = [t.clone().requires_grad_() for t in (x, grid, occ)]
+    oracle(*ref).backward(torch.ones_like(out))
+    for got, want in zip(leaves, ref):
+        assert rel_err(got.grad, want.grad) < 1e-5
 
 
 @gpu
