@@ -91,16 +91,28 @@ def test_backward_matches_materialised(backend, shape):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_gradcheck_float64(backend):
+    # the interpreter costs ~0.1 s a launch: fast mode (a few random directions) for triton
+    fast = backend == "triton"
     q, k, v = make_qkv(2, 2, 7, 9, 5, 3, dtype=torch.float64)
     leaves = [t.requires_grad_() for t in (q, k, v)]
-    assert torch.autograd.gradcheck(lambda a, b, c: cross_modal_attention(a, b, c, 0.7, backend=backend), leaves)
+    assert torch.autograd.gradcheck(lambda a, b, c: cross_modal_attention(a, b, c, 0.7, backend=backend), leaves,
+                                    fast_mode=fast)
     only_k = lambda b: cross_modal_attention(q.detach(), b, v.detach(), backend=backend)
-    assert torch.autograd.gradcheck(only_k, (k,))
+    assert torch.autograd.gradcheck(only_k, (k,), fast_mode=fast)
+
+
+def _skip_unsupported(backend, dtype):
+    from dagan_fast import _backends
+
+    reasons = _backends.get_backend(backend).not_supported_reasons("cross_modal_attention", [torch.zeros(1, dtype=dtype)])
+    if reasons:
+        pytest.skip("; ".join(reasons))
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_low_precision_error_at_most_twice_pytorch(backend, dtype):
+    _skip_unsupported(backend, dtype)
     q, k, v = make_qkv(1, 2, 64, 80, 32, 48, dtype=dtype)
     exact = reference.materialized_attention(q.double(), k.double(), v.double(), 1.0)
     ours = rel_err(cross_modal_attention(q, k, v, 1.0, backend=backend), exact)
@@ -178,3 +190,185 @@ def test_bad_input_errors_name_the_argument(call, error, match):
     q, k, v = make_qkv(2, 1, 6, 5, 4, 3)
     with pytest.raises(error, match=match):
         call(q, k, v)
+
+
+# --------------------------------------------------------------------------------------------
+# awkward shapes, strides, poisoning, determinism (every backend; the triton ones run through the
+# interpreter, so N stays small)
+# --------------------------------------------------------------------------------------------
+def _grads(backend, q, k, v, scale, grad, **epilogue):
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    extra = {name: t.detach().clone().requires_grad_() for name, t in epilogue.items()}
+    out = cross_modal_attention(*leaves, scale, backend=backend, **extra)
+    out.backward(grad)
+    return out.detach(), [t.grad for t in leaves], {name: t.grad for name, t in extra.items()}
+
+
+def _exact_grads(q, k, v, scale, grad, residual=None, gamma=None):
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    extra = {name: t.detach().double().requires_grad_() for name, t in (("residual", residual), ("gamma", gamma))
+             if t is not None}
+    out = reference.attention_residual(reference.materialized_attention(*leaves, scale), **extra)
+    out.backward(grad.double())
+    return out.detach(), [t.grad for t in leaves], {name: t.grad for name, t in extra.items()}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", [
+    (1, 1, 1, 1, 32, 256),       # N = 1 on both sides
+    (1, 1, 3, 70, 128, 20),      # Dqk 128, keys past one tile, Dv not a power of two
+    (1, 1, 17, 5, 256, 512),     # Dqk 256, Dv 512 (four Dv slices in the Triton kernels)
+    (2, 1, 66, 1, 64, 33),       # one key: dq and dk are exactly zero
+])
+def test_head_dims_and_tiny_n(backend, shape):
+    q, k, v = make_qkv(*shape, seed=7)
+    grad = torch.randn(*shape[:3], shape[5], generator=torch.Generator().manual_seed(2))
+    out, grads, _ = _grads(backend, q, k, v, 0.2, grad)
+    exact, exact_grads, _ = _exact_grads(q, k, v, 0.2, grad)
+    assert rel_err(out, exact) < 1e-5
+    for name, a, b in zip("qkv", grads, exact_grads):
+        if b.abs().max() == 0:
+            # a single key: the softmax is constant, so dP - delta is zero up to rounding
+            assert a.abs().max() < 1e-5 * exact_grads[2].abs().max(), name
+        else:
+            assert rel_err(a, b) < 1e-4, name
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_large_logits_backward(backend):
+    q, k, v = make_qkv(1, 1, 40, 70, 32, 256, spread=3.0, seed=3)  # energies far above 20 at scale 1
+    assert torch.matmul(q, k.transpose(-1, -2)).abs().max() > 100
+    grad = torch.randn(1, 1, 40, 256, generator=torch.Generator().manual_seed(5))
+    _, grads, _ = _grads(backend, q, k, v, 1.0, grad)
+    _, exact, _ = _exact_grads(q, k, v, 1.0, grad)
+    # the float32 rounding of energies in the hundreds alone is ~1e-5 of the probabilities
+    _, torch_f32, _ = _exact_grads(q.double().float(), k, v, 1.0, grad)
+    for name, a, b in zip("qkv", grads, exact):
+        assert torch.isfinite(a).all() and rel_err(a, b) < 1e-3, name
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_float16_gradients_at_most_twice_pytorch(backend):
+    _skip_unsupported(backend, torch.float16)
+    q, k, v = make_qkv(1, 2, 50, 70, 32, 48, dtype=torch.float16, seed=11)
+    grad = torch.randn(1, 2, 50, 48, generator=torch.Generator().manual_seed(3)).half()
+    _, ours, _ = _grads(backend, q, k, v, 1.0, grad)
+    _, exact, _ = _exact_grads(q, k, v, 1.0, grad)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    reference.materialized_attention(*leaves, 1.0).backward(grad)  # PyTorch doing the same in float16
+    for name, a, t, b in zip("qkv", ours, leaves, exact):
+        assert a.dtype == torch.float16
+        assert rel_err(a, b) <= 2 * rel_err(t.grad, b), name
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_contiguous_inputs_every_backend(backend):
+    q, k, v = make_qkv(2, 2, 40, 30, 16, 24, seed=9)
+    qt = q.transpose(2, 3).contiguous().transpose(2, 3)              # Dqk-major
+    kt = k.permute(2, 0, 1, 3).contiguous().permute(1, 2, 0, 3)      # tokens outermost
+    vt = torch.randn(2, 2, 30, 48)[..., ::2]                         # stride 2 along Dv
+    vt.copy_(v)
+    grad = torch.randn(2, 2, 48, 40).transpose(2, 3)[..., ::2]       # strided grad_out
+    out, grads, _ = _grads(backend, qt, kt, vt, 0.4, grad)
+    exact, exact_grads, _ = _exact_grads(q, k, v, 0.4, grad)
+    assert rel_err(out, exact) < 1e-5
+    for name, a, b in zip("qkv", grads, exact_grads):
+        assert rel_err(a, b) < 1e-4, name
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_poisoned_outputs_are_fully_written_and_reproducible(backend, poison_outputs):
+    q, k, v = make_qkv(2, 1, 67, 45, 32, 144, seed=13)  # Dv 144: a partial Dv slice
+    grad = torch.randn(2, 1, 67, 144, generator=torch.Generator().manual_seed(1))
+    runs = []
+    for _ in range(2):
+        out, lse = torch.ops.dagan_fast.cross_modal_attention(q, k, v, 1.0, backend)
+        grads = torch.ops.dagan_fast.cross_modal_attention_backward(grad, q, k, v, out, lse, 1.0, backend,
+                                                                     [True, True, True])
+        only_v = torch.ops.dagan_fast.cross_modal_attention_backward(grad, q, k, v, out, lse, 1.0, backend,
+                                                                      [False, False, True])
+        assert only_v[0].numel() == 0 and only_v[1].numel() == 0
+        runs.append((out, lse, *grads, only_v[2]))
+    for t in runs[0]:
+        assert torch.isfinite(t).all()
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+    assert torch.equal(runs[0][-1], runs[0][-2])  # dv alone equals dv computed with dq and dk
+
+
+# --------------------------------------------------------------------------------------------
+# the epilogue: gamma * attention + residual (DaGAN), attention + residual (DaGAN++)
+# --------------------------------------------------------------------------------------------
+def _token_residual(B, N, C, *, channels_last=False, seed=0):
+    """A (B,C,H,W) feature map seen as (B,1,N,C) tokens: a strided view, as DaGAN adds it."""
+    feat = torch.randn(B, C, N, 1, generator=torch.Generator().manual_seed(seed))
+    if channels_last:
+        feat = feat.contiguous(memory_format=torch.channels_last)
+    return feat, feat.flatten(2).transpose(1, 2).unsqueeze(1)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("with_gamma", [True, False])
+def test_epilogue_values_and_layout(backend, with_gamma):
+    q, k, v = make_qkv(2, 1, 37, 37, 16, 40, seed=21)
+    gamma = torch.tensor([0.7]) if with_gamma else None
+    for channels_last in (False, True):
+        feat, residual = _token_residual(2, 37, 40, channels_last=channels_last)
+        exact = reference.attention_residual(reference.materialized_attention(q.double(), k.double(), v.double(), 1.0),
+                                             residual.double(), gamma.double() if with_gamma else None)
+        with torch.no_grad():  # the fused path where a backend has one
+            out = cross_modal_attention(q, k, v, 1.0, residual=residual, gamma=gamma, backend=backend)
+        assert rel_err(out, exact) < 1e-5
+        assert out.stride() == residual.stride()  # written in feat's own layout
+        composed = cross_modal_attention(q, k, v, 1.0, residual=residual, gamma=gamma, backend=backend)
+        assert rel_err(composed, exact) < 1e-5
+    scaled = cross_modal_attention(q, k, v, 1.0, gamma=torch.tensor(-1.5), backend=backend)
+    assert rel_err(scaled, -1.5 * reference.materialized_attention(q.double(), k.double(), v.double(), 1.0)) < 1e-5
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_epilogue_gradients(backend):
+    q, k, v = make_qkv(1, 1, 29, 23, 32, 48, seed=17)
+    _, residual = _token_residual(1, 29, 48, seed=4)
+    gamma = torch.tensor([0.3])
+    grad = torch.randn(1, 1, 29, 48, generator=torch.Generator().manual_seed(8))
+    out, grads, extra = _grads(backend, q, k, v, 1.0, grad, residual=residual, gamma=gamma)
+    exact, exact_grads, exact_extra = _exact_grads(q, k, v, 1.0, grad, residual, gamma)
+    assert rel_err(out, exact) < 1e-5
+    for name, a, b in zip("qkv", grads, exact_grads):
+        assert rel_err(a, b) < 1e-4, name
+    assert rel_err(extra["residual"], exact_extra["residual"]) < 1e-6
+    assert rel_err(extra["gamma"], exact_extra["gamma"]) < 1e-5
+    # gamma 0 (DaGAN's initial value) still passes a gradient to gamma, none to q, k, v
+    _, grads, extra = _grads(backend, q, k, v, 1.0, grad, residual=residual, gamma=torch.zeros(1))
+    assert extra["gamma"].abs().max() > 0 and all(g.abs().max() == 0 for g in grads)
+
+
+def test_epilogue_gradcheck_float64():
+    q, k, v = make_qkv(1, 2, 5, 6, 3, 4, dtype=torch.float64)
+    residual = torch.randn(1, 2, 4, 5, dtype=torch.float64).transpose(2, 3)
+    gamma = torch.tensor([0.6], dtype=torch.float64)
+    leaves = [t.requires_grad_() for t in (q, k, v, residual, gamma)]
+    fn = lambda a, b, c, r, g: cross_modal_attention(a, b, c, 0.9, residual=r, gamma=g, backend="reference")
+    assert torch.autograd.gradcheck(fn, leaves)
+
+
+def test_opcheck_epilogue_op():
+    q, k, v = make_qkv(2, 1, 6, 5, 4, 3, dtype=torch.float64)
+    residual = torch.randn(2, 1, 3, 6, dtype=torch.float64).transpose(2, 3)
+    for backend in BACKENDS:
+        for r, g in ((residual, torch.tensor([0.5], dtype=torch.float64)), (residual, None), (None, q.new_ones(1))):
+            torch.library.opcheck(torch.ops.dagan_fast.cross_modal_attention_residual.default,
+                                  (q, k, v, 0.5, r, g, backend))
+
+
+@pytest.mark.parametrize("call, error, match", [
+    (lambda q, k, v, r: cross_modal_attention(q, k, v, residual=r[..., :2]), ValueError, r"residual must be"),
+    (lambda q, k, v, r: cross_modal_attention(q, k, v, residual=r.double()), TypeError, r"residual has dtype"),
+    (lambda q, k, v, r: cross_modal_attention(q, k, v, residual=r, gamma=torch.ones(2)), TypeError, r"gamma must"),
+    (lambda q, k, v, r: cross_modal_attention(q, k, v, residual=r, gamma=0.5), TypeError, r"gamma must"),
+])
+def test_bad_epilogue_errors(call, error, match):
+    q, k, v = make_qkv(2, 1, 6, 5, 4, 3)
+    with pytest.raises(error, match=match):
+        call(q, k, v, torch.randn(2, 1, 6, 3))

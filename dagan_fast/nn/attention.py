@@ -62,17 +62,21 @@ class CrossModalAttention(nn.Module):
         if q.shape[0] != B:
             q = q.expand(B, *q.shape[1:]).contiguous()  # kernels get dense operands
         k, v = self.keys_values(feat)
+        fmt = torch.channels_last if _is_channels_last(feat) else torch.contiguous_format
         if return_attention:
             attn = torch.softmax(torch.matmul(q, k.transpose(-1, -2)) * self.scale, dim=-1)
-            out = torch.matmul(attn, v)
-        else:
-            out = ops.cross_modal_attention(q, k, v, self.scale)
-        # (B,1,N,C) -> (B,C,H,W) as a (channels-last) view; the residual add writes a fresh tensor in
-        # feat's memory format, so the convolutions that follow see the layout they were given
-        out = out.squeeze(1).transpose(1, 2).reshape(B, C, H, W)
-        fmt = torch.channels_last if _is_channels_last(feat) else torch.contiguous_format
-        result = torch.addcmul(feat, self.gamma, out).contiguous(memory_format=fmt)
-        return (result, attn.squeeze(1)) if return_attention else result
+            out = torch.matmul(attn, v).squeeze(1).transpose(1, 2).reshape(B, C, H, W)
+            result = torch.addcmul(feat, self.gamma, out).contiguous(memory_format=fmt)
+            return result, attn.squeeze(1)
+        # feat seen as tokens (B,1,N,C) is a strided view; the op adds it in its epilogue (fused into the
+        # Triton kernel at inference) and then writes the result laid out like feat, so the (B,C,H,W)
+        # view below needs no copy and the convolutions that follow see the layout they were given
+        tokens = feat.flatten(2).transpose(1, 2).unsqueeze(1)
+        if tokens.dtype == q.dtype:
+            out = ops.cross_modal_attention(q, k, v, self.scale, residual=tokens, gamma=self.gamma)
+        else:  # mixed precision (e.g. fp16 projections of fp32 features): type promotion as in DaGAN
+            out = torch.addcmul(tokens, self.gamma, ops.cross_modal_attention(q, k, v, self.scale))
+        return out.squeeze(1).transpose(1, 2).reshape(B, C, H, W).contiguous(memory_format=fmt)
 
     @torch.no_grad()
     def attention_map(self, source: Tensor, feat: Tensor, max_tokens: int = 4096) -> Tensor:

@@ -1,9 +1,11 @@
 """``cross_modal_attention``: flash-style ``softmax(q k^T * scale) v`` with Dqk != Dv allowed, as a
-torch.library custom op (``dagan_fast::cross_modal_attention``) with fake and autograd."""
+torch.library custom op (``dagan_fast::cross_modal_attention``) with fake and autograd, plus the models'
+epilogue ``gamma * attention + residual`` (``dagan_fast::cross_modal_attention_residual``, inference
+only: with gradients the epilogue is composed in PyTorch on the differentiable op)."""
 from __future__ import annotations
 
 import math
-from typing import List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
@@ -59,6 +61,47 @@ def _backward(ctx, grad_out, grad_lse):
 _attention_op.register_autograd(_backward, setup_context=_setup_context)
 _backends.get_backend("reference").register(OP, reference.attention_forward, reference.attention_backward)
 
+# Backends whose forward can apply ``gamma * out + residual`` while storing: name ->
+# fn(q, k, v, scale, residual or None, gamma (1,) or None) -> (out laid out like epilogue_output, lse).
+# The others run their plain forward and the epilogue in PyTorch; either way the math is
+# reference.attention_residual.
+_EPILOGUE_FORWARDS: Dict[str, Callable] = {}
+
+
+def register_epilogue(backend: str, forward: Callable) -> None:
+    """Declares that ``backend``'s attention forward can fuse the residual epilogue (see above)."""
+    _EPILOGUE_FORWARDS[backend] = forward
+
+
+def epilogue_output(q: Tensor, v: Tensor, residual: Optional[Tensor]) -> Tensor:
+    """The uninitialised (B,H,Nq,Dv) result of the epilogue: laid out like ``residual`` when that is dense
+    (DaGAN's residual is an NCHW map seen as tokens: the result is then that NCHW map; empty_like's
+    preserve_format rule), else contiguous."""
+    if residual is not None:
+        return torch.empty_like(residual, dtype=q.dtype)
+    return q.new_empty((*q.shape[:3], v.shape[-1]))
+
+
+@torch.library.custom_op("dagan_fast::cross_modal_attention_residual", mutates_args=())
+def _attention_residual_op(q: Tensor, k: Tensor, v: Tensor, scale: float, residual: Optional[Tensor],
+                           gamma: Optional[Tensor], backend: str) -> Tensor:
+    fused = _EPILOGUE_FORWARDS.get(backend)
+    if fused is not None:
+        return fused(q, k, v, scale, residual, gamma)[0]
+    attn, _ = _backends.get_backend(backend).kernels[OP].forward(q, k, v, scale)
+    result = epilogue_output(q, v, residual)
+    if gamma is None:
+        return torch.add(attn, residual, out=result)
+    g = gamma.reshape(())
+    if residual is None:
+        return torch.mul(attn, g, out=result)
+    return torch.addcmul(residual, g, attn, out=result)
+
+
+@_attention_residual_op.register_fake
+def _(q, k, v, scale, residual, gamma, backend):
+    return epilogue_output(q, v, residual)
+
 
 def check_attention_args(q, k, v, scale, op: str = OP) -> float:
     """Validates the (B,H,N,D) operands; returns the scale to use (1/sqrt(Dqk) when None)."""
@@ -83,17 +126,49 @@ def check_attention_args(q, k, v, scale, op: str = OP) -> float:
     return float(scale)
 
 
+def check_epilogue_args(q: Tensor, v: Tensor, residual: Optional[Tensor], gamma: Optional[Tensor],
+                        op: str = OP) -> None:
+    """Validates the optional residual (B,H,Nq,Dv) and gamma (one element) of the attention epilogue."""
+    if residual is not None:
+        _validate.tensor(op, "residual", residual, 4, "(B,H,Nq,Dv)")
+        expected = (*q.shape[:3], v.shape[3])
+        if tuple(residual.shape) != expected:
+            raise ValueError(f"{op}: residual must be (B,H,Nq,Dv) = {expected}, got {tuple(residual.shape)}")
+    if gamma is not None:
+        if not isinstance(gamma, torch.Tensor) or not gamma.is_floating_point() or gamma.numel() != 1:
+            raise TypeError(f"{op}: gamma must be a floating tensor with one element (DaGAN's learnable scale), "
+                            f"got {gamma!r}")
+        if gamma.device != q.device:
+            raise ValueError(f"{op}: gamma is on {gamma.device} but q is on {q.device}")
+    _validate.same_dtype_device(op, [("q", q), ("residual", residual)])
+
+
 def cross_modal_attention(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float] = None, *,
+                          residual: Optional[Tensor] = None, gamma: Optional[Tensor] = None,
                           backend: Optional[str] = None) -> Tensor:
-    """``softmax(q k^T * scale) v`` over keys, never materialising the Nq x Nk matrix.
+    """``softmax(q k^T * scale) v`` over keys, never materialising the Nq x Nk matrix, optionally
+    followed by the models' epilogue ``gamma * attention + residual`` (DaGAN) or ``attention + residual``
+    (DaGAN++).
 
     q (B,H,Nq,Dqk), k (B,H,Nk,Dqk), v (B,H,Nk,Dv) -> (B,H,Nq,Dv); Dv may differ from Dqk (DaGAN:
-    32 and 256). ``scale`` defaults to 1/sqrt(Dqk); DaGAN passes 1.0. Differentiable in q, k, v.
+    32 and 256). ``scale`` defaults to 1/sqrt(Dqk); DaGAN passes 1.0. ``residual`` (B,H,Nq,Dv), any
+    strides, q's dtype; ``gamma`` a one-element tensor (cast to q's dtype). Differentiable in q, k, v,
+    residual and gamma. When no gradient is needed, backends that can (triton) apply the epilogue
+    while storing the attention, and the result is then laid out like a dense ``residual``.
     """
     scale = check_attention_args(q, k, v, scale)
+    check_epilogue_args(q, v, residual, gamma)
     chosen = _backends.select_backend(OP, [q], backend)
-    out, _ = _attention_op(q, k, v, scale, chosen.name)
-    return out
+    if residual is None and gamma is None:
+        out, _ = _attention_op(q, k, v, scale, chosen.name)
+        return out
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (q, k, v, residual, gamma))
+    if needs_grad:
+        out, _ = _attention_op(q, k, v, scale, chosen.name)
+        return reference.attention_residual(out, residual, gamma)
+    g = gamma.detach().reshape(1).to(q.dtype) if gamma is not None else None
+    return _attention_residual_op(q, k, v, scale, residual, g, chosen.name)
 
 
 def attention_with_lse(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float] = None, *,

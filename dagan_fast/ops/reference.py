@@ -183,6 +183,17 @@ def cross_modal_attention(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float
     return _ChunkedAttention.apply(q, k, v, scale)
 
 
+def attention_residual(attention: Tensor, residual: Optional[Tensor] = None, gamma: Optional[Tensor] = None) -> Tensor:
+    """The attention epilogue of the models: ``gamma * attention + residual`` (DaGAN; gamma a one-element
+    tensor) or ``attention + residual`` (DaGAN++), each term optional. attention (B,H,Nq,Dv), residual
+    (B,H,Nq,Dv) any strides -> (B,H,Nq,Dv) in attention's dtype; differentiable in all three."""
+    out = attention
+    if gamma is not None:
+        g = gamma.reshape(()).to(attention.dtype)
+        return out * g if residual is None else torch.addcmul(residual, g, out)
+    return out if residual is None else out + residual
+
+
 def materialized_attention(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float] = None,
                            return_map: bool = False):
     """The naive formulation (DaGAN's code): builds the (B,H,Nq,Nk) map. For tests and visualisation

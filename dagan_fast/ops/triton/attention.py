@@ -1,1 +1,431 @@
-"""Triton kernels for attention (in progress)."""
+"""Triton kernels for ``cross_modal_attention``: a flash-attention forward (online softmax in base 2,
+fp32 accumulation, logsumexp out, optional ``gamma * out + residual`` epilogue) and a backward that
+recomputes the probabilities from the logsumexp (delta pass, then one kernel over key blocks for dK
+and dV, one over query blocks for dQ; no atomics, so results are bitwise reproducible).
+
+Head dims are padded to powers of two (>= 16, the smallest ``tl.dot`` tile) with masks; Dv is
+processed in ``BLOCK_DV`` slices (one program per slice in the forward and for dV), so register
+pressure does not grow with Dv. Any N, any strides, float16 / bfloat16 (GPU) / float32 / float64.
+"""
+from __future__ import annotations
+
+import functools
+import math
+import os
+from typing import NamedTuple, Optional, Sequence, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from ... import _backends
+from .. import attention as _attention_ops
+
+Tensor = torch.Tensor
+LOG2E = 1.4426950408889634
+# kernels may read only constexpr globals
+_LOG2E = tl.constexpr(LOG2E)
+_LN2 = tl.constexpr(0.6931471805599453)
+
+
+def _poison() -> bool:
+    return os.environ.get("DAGAN_FAST_POISON", "").strip() not in ("", "0")
+
+
+# --------------------------------------------------------------------------------------------
+# kernels
+# --------------------------------------------------------------------------------------------
+@triton.jit
+def _attn_fwd_kernel(
+    Q,  # pointer, (B,H,Nq,Dqk) any strides
+    K,  # pointer, (B,H,Nk,Dqk) any strides
+    V,  # pointer, (B,H,Nk,Dv) any strides
+    Out,  # pointer, (B,H,Nq,Dv) any strides (residual's layout when fused)
+    Lse,  # pointer, (B,H,Nq) contiguous, fp32 (fp64 for fp64 inputs), natural-log logsumexp
+    Res,  # pointer, (B,H,Nq,Dv) any strides; read only when HAS_RES
+    Gamma,  # pointer, (1,) in the inputs' dtype; read only when HAS_GAMMA
+    sqb, sqh, sqn, sqd,  # q strides (elements)
+    skb, skh, skn, skd,  # k strides
+    svb, svh, svn, svd,  # v strides
+    sob, soh, son, sod,  # out strides
+    srb, srh, srn, srd,  # residual strides
+    H, NQ, NK, DQK, DV,  # sizes
+    qk_scale,  # scale * log2(e): the softmax runs in base 2
+    ACC: tl.constexpr,  # accumulation dtype (fp32, fp64 for fp64 inputs)
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    HAS_RES: tl.constexpr, HAS_GAMMA: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    pid_c = tl.program_id(2)  # which BLOCK_DV slice of the output this program owns
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_e = pid_c * BLOCK_DV + tl.arange(0, BLOCK_DV)
+    m_mask = offs_m < NQ
+    d_mask = offs_d < DQK
+    e_mask = offs_e < DV
+
+    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :] * sqd,
+                mask=m_mask[:, None] & d_mask[None, :], other=0.0)
+    k_base = K + b * skb + h * skh
+    v_base = V + b * svb + h * svh
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=ACC)
+    l_i = tl.zeros([BLOCK_M], dtype=ACC)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=ACC)
+    for start_n in range(0, NK, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < NK
+        kt = tl.load(k_base + offs_n[None, :] * skn + offs_d[:, None] * skd,
+                     mask=d_mask[:, None] & n_mask[None, :], other=0.0)
+        s = tl.dot(q, kt, input_precision="ieee").to(ACC) * qk_scale
+        s = tl.where(n_mask[None, :], s, float("-inf"))
+        # every key block holds a valid key (Nk >= 1, blocks start below Nk), so m_new is finite
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_base + offs_n[:, None] * svn + offs_e[None, :] * svd,
+                    mask=n_mask[:, None] & e_mask[None, :], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee").to(ACC)
+        m_i = m_new
+
+    o = acc / l_i[:, None]
+    # lse is the same for every Dv slice: slice 0 writes it
+    if pid_c == 0:
+        tl.store(Lse + bh.to(tl.int64) * NQ + offs_m, (m_i + tl.log2(l_i)) * _LN2, mask=m_mask)
+    if HAS_GAMMA:
+        o = o * tl.load(Gamma).to(ACC)
+    if HAS_RES:
+        r = tl.load(Res + b * srb + h * srh + offs_m[:, None] * srn + offs_e[None, :] * srd,
+                    mask=m_mask[:, None] & e_mask[None, :], other=0.0)
+        o = o + r.to(ACC)
+    tl.store(Out + b * sob + h * soh + offs_m[:, None] * son + offs_e[None, :] * sod,
+             o.to(Out.dtype.element_ty), mask=m_mask[:, None] & e_mask[None, :])
+
+
+@triton.jit
+def _attn_bwd_delta_kernel(
+    O,  # pointer, (B,H,Nq,Dv) any strides: the forward output
+    DO,  # pointer, (B,H,Nq,Dv) any strides: grad of the output
+    Delta,  # pointer, (B,H,Nq) contiguous, ACC dtype: rowsum(dO * O)
+    sob, soh, son, sod,  # out strides
+    sgb, sgh, sgn, sgd,  # grad_out strides
+    H, NQ, DV,  # sizes
+    ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_mask = offs_m < NQ
+    total = tl.zeros([BLOCK_M], dtype=ACC)
+    for start_e in range(0, DV, BLOCK_DV):
+        offs_e = start_e + tl.arange(0, BLOCK_DV)
+        mask = m_mask[:, None] & (offs_e < DV)[None, :]
+        o = tl.load(O + b * sob + h * soh + offs_m[:, None] * son + offs_e[None, :] * sod, mask=mask, other=0.0)
+        do = tl.load(DO + b * sgb + h * sgh + offs_m[:, None] * sgn + offs_e[None, :] * sgd, mask=mask, other=0.0)
+        total += tl.sum(o.to(ACC) * do.to(ACC), 1)
+    tl.store(Delta + bh.to(tl.int64) * NQ + offs_m, total, mask=m_mask)
+
+
+@triton.jit
+def _attn_bwd_kv_kernel(
+    Q,  # pointer, (B,H,Nq,Dqk) any strides
+    K,  # pointer, (B,H,Nk,Dqk) any strides
+    V,  # pointer, (B,H,Nk,Dv) any strides
+    DO,  # pointer, (B,H,Nq,Dv) any strides
+    Lse,  # pointer, (B,H,Nq) contiguous, natural-log logsumexp from the forward
+    Delta,  # pointer, (B,H,Nq) contiguous, rowsum(dO * O)
+    DK,  # pointer, (B,H,Nk,Dqk) contiguous
+    DV_,  # pointer, (B,H,Nk,Dv) contiguous
+    sqb, sqh, sqn, sqd,  # q strides
+    skb, skh, skn, skd,  # k strides
+    svb, svh, svn, svd,  # v strides
+    sgb, sgh, sgn, sgd,  # grad_out strides
+    H, NQ, NK, DQK, DV,  # sizes
+    scale, qk_scale,  # scale, and scale * log2(e)
+    C0,  # first task index: tasks 0..N_SLICES-1 are dV slices, task N_SLICES is dK
+    N_SLICES,  # ceil(Dv / BLOCK_DV)
+    ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    bh = tl.program_id(1)
+    task = tl.program_id(2) + C0
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    n_mask = offs_n < NK
+    d_mask = offs_d < DQK
+    k = tl.load(K + b * skb + h * skh + offs_n[:, None] * skn + offs_d[None, :] * skd,
+                mask=n_mask[:, None] & d_mask[None, :], other=0.0)
+    q_base = Q + b * sqb + h * sqh
+    g_base = DO + b * sgb + h * sgh
+    v_base = V + b * svb + h * svh
+    row_base = bh.to(tl.int64) * NQ
+    if task < N_SLICES:
+        # dV[:, slice] = sum over query blocks of P^T dO[:, slice]
+        offs_e = task * BLOCK_DV + tl.arange(0, BLOCK_DV)
+        e_mask = offs_e < DV
+        acc_dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=ACC)
+        for start_m in range(0, NQ, BLOCK_M):
+            offs_m = start_m + tl.arange(0, BLOCK_M)
+            m_mask = offs_m < NQ
+            qt = tl.load(q_base + offs_m[None, :] * sqn + offs_d[:, None] * sqd,
+                         mask=d_mask[:, None] & m_mask[None, :], other=0.0)
+            lse2 = tl.load(Lse + row_base + offs_m, mask=m_mask, other=0.0).to(ACC) * _LOG2E
+            st = tl.dot(k, qt, input_precision="ieee").to(ACC) * qk_scale
+            # padded rows and columns must not reach the sums (exp2(0 - lse) could even overflow)
+            pt = tl.where(n_mask[:, None] & m_mask[None, :], tl.exp2(st - lse2[None, :]), 0.0)
+            do = tl.load(g_base + offs_m[:, None] * sgn + offs_e[None, :] * sgd,
+                         mask=m_mask[:, None] & e_mask[None, :], other=0.0)
+            acc_dv += tl.dot(pt.to(do.dtype), do, input_precision="ieee").to(ACC)
+        tl.store(DV_ + (bh.to(tl.int64) * NK + offs_n[:, None]) * DV + offs_e[None, :],
+                 acc_dv.to(DV_.dtype.element_ty), mask=n_mask[:, None] & e_mask[None, :])
+    else:
+        # dK = scale * sum over query blocks of dS^T Q, dS = P * (dO V^T - delta)
+        acc_dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=ACC)
+        for start_m in range(0, NQ, BLOCK_M):
+            offs_m = start_m + tl.arange(0, BLOCK_M)
+            m_mask = offs_m < NQ
+            qt = tl.load(q_base + offs_m[None, :] * sqn + offs_d[:, None] * sqd,
+                         mask=d_mask[:, None] & m_mask[None, :], other=0.0)
+            lse2 = tl.load(Lse + row_base + offs_m, mask=m_mask, other=0.0).to(ACC) * _LOG2E
+            delta = tl.load(Delta + row_base + offs_m, mask=m_mask, other=0.0)
+            st = tl.dot(k, qt, input_precision="ieee").to(ACC) * qk_scale
+            pt = tl.where(n_mask[:, None] & m_mask[None, :], tl.exp2(st - lse2[None, :]), 0.0)
+            dpt = tl.zeros([BLOCK_N, BLOCK_M], dtype=ACC)
+            for start_e in range(0, DV, BLOCK_DV):
+                offs_e = start_e + tl.arange(0, BLOCK_DV)
+                e_mask = offs_e < DV
+                v = tl.load(v_base + offs_n[:, None] * svn + offs_e[None, :] * svd,
+                            mask=n_mask[:, None] & e_mask[None, :], other=0.0)
+                dot_ = tl.load(g_base + offs_m[None, :] * sgn + offs_e[:, None] * sgd,
+                               mask=e_mask[:, None] & m_mask[None, :], other=0.0)
+                dpt += tl.dot(v, dot_, input_precision="ieee").to(ACC)
+            dst = pt * (dpt - delta[None, :])
+            acc_dk += tl.dot(dst.to(qt.dtype), tl.trans(qt), input_precision="ieee").to(ACC)
+        tl.store(DK + (bh.to(tl.int64) * NK + offs_n[:, None]) * DQK + offs_d[None, :],
+                 (acc_dk * scale).to(DK.dtype.element_ty), mask=n_mask[:, None] & d_mask[None, :])
+
+
+@triton.jit
+def _attn_bwd_q_kernel(
+    Q,  # pointer, (B,H,Nq,Dqk) any strides
+    K,  # pointer, (B,H,Nk,Dqk) any strides
+    V,  # pointer, (B,H,Nk,Dv) any strides
+    DO,  # pointer, (B,H,Nq,Dv) any strides
+    Lse,  # pointer, (B,H,Nq) contiguous, natural-log logsumexp from the forward
+    Delta,  # pointer, (B,H,Nq) contiguous, rowsum(dO * O)
+    DQ,  # pointer, (B,H,Nq,Dqk) contiguous
+    sqb, sqh, sqn, sqd,  # q strides
+    skb, skh, skn, skd,  # k strides
+    svb, svh, svn, svd,  # v strides
+    sgb, sgh, sgn, sgd,  # grad_out strides
+    H, NQ, NK, DQK, DV,  # sizes
+    scale, qk_scale,  # scale, and scale * log2(e)
+    ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_mask = offs_m < NQ
+    d_mask = offs_d < DQK
+    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :] * sqd,
+                mask=m_mask[:, None] & d_mask[None, :], other=0.0)
+    row_base = bh.to(tl.int64) * NQ
+    lse2 = tl.load(Lse + row_base + offs_m, mask=m_mask, other=0.0).to(ACC) * _LOG2E
+    delta = tl.load(Delta + row_base + offs_m, mask=m_mask, other=0.0)
+    k_base = K + b * skb + h * skh
+    v_base = V + b * svb + h * svh
+    g_base = DO + b * sgb + h * sgh
+    acc_dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=ACC)
+    for start_n in range(0, NK, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < NK
+        kt = tl.load(k_base + offs_n[None, :] * skn + offs_d[:, None] * skd,
+                     mask=d_mask[:, None] & n_mask[None, :], other=0.0)
+        s = tl.dot(q, kt, input_precision="ieee").to(ACC) * qk_scale
+        p = tl.where(m_mask[:, None] & n_mask[None, :], tl.exp2(s - lse2[:, None]), 0.0)
+        dp = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
+        for start_e in range(0, DV, BLOCK_DV):
+            offs_e = start_e + tl.arange(0, BLOCK_DV)
+            e_mask = offs_e < DV
+            do = tl.load(g_base + offs_m[:, None] * sgn + offs_e[None, :] * sgd,
+                         mask=m_mask[:, None] & e_mask[None, :], other=0.0)
+            vt = tl.load(v_base + offs_n[None, :] * svn + offs_e[:, None] * svd,
+                         mask=e_mask[:, None] & n_mask[None, :], other=0.0)
+            dp += tl.dot(do, vt, input_precision="ieee").to(ACC)
+        ds = p * (dp - delta[:, None])
+        acc_dq += tl.dot(ds.to(kt.dtype), tl.trans(kt), input_precision="ieee").to(ACC)
+    tl.store(DQ + (row_base + offs_m[:, None]) * DQK + offs_d[None, :],
+             (acc_dq * scale).to(DQ.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
+
+
+# --------------------------------------------------------------------------------------------
+# tile choices
+# --------------------------------------------------------------------------------------------
+class _Tiles(NamedTuple):
+    block_m: int
+    block_n: int
+    block_d: int
+    block_dv: int
+    num_warps: int
+    num_stages: int
+
+
+def _pow2(n: int) -> int:
+    return max(16, triton.next_power_of_2(n))
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _interpreting(t: Tensor) -> bool:
+    return t.device.type == "cpu"
+
+
+def _fill_rows(block: int, rows: int, programs_per_block: int, device: torch.device, floor: int = 16) -> int:
+    """Halves ``block`` (query or key tile) while the grid would leave multiprocessors idle."""
+    sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    while block > floor and triton.cdiv(rows, block) * programs_per_block < sms:
+        block //= 2
+    return block
+
+
+def _fwd_tiles(q: Tensor, nq: int, dqk: int, dv: int, bh: int) -> _Tiles:
+    block_d, dv_p = _pow2(dqk), _pow2(dv)
+    if _interpreting(q):
+        # one config: big tiles (interpreter cost grows with the program count), Dv still sliced
+        return _Tiles(64, 64, block_d, min(dv_p, 128), 4, 1)
+    wide = q.element_size() > 2  # fp32/fp64 tiles take twice the registers and shared memory
+    block_dv = min(dv_p, 64 if wide else 128)
+    block_m = 64 if block_d <= 128 and not wide else 32
+    block_n = 64 if block_d <= 64 else 32
+    block_m = _fill_rows(block_m, nq, bh * triton.cdiv(dv, block_dv), q.device)
+    return _Tiles(block_m, block_n, block_d, block_dv, 4, 1 if wide else 2)
+
+
+def _bwd_tiles(q: Tensor, dqk: int, dv: int) -> _Tiles:
+    """Tiles of the backward kernels: block_n keys held per program in the dK/dV kernel and per step in
+    the dQ kernel; block_m the query rows per step in the dK/dV kernel (and held by the dQ kernel)."""
+    block_d, dv_p = _pow2(dqk), _pow2(dv)
+    if _interpreting(q):
+        return _Tiles(64, 64, block_d, min(dv_p, 128), 4, 1)
+    wide = q.element_size() > 2
+    block_dv = min(dv_p, 64 if wide else 128)
+    block_n = 64 if block_d <= 64 and not wide else 32
+    block_m = 32
+    return _Tiles(block_m, block_n, block_d, block_dv, 4, 1 if wide else 2)
+
+
+def _acc_tl(dtype: torch.dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# --------------------------------------------------------------------------------------------
+# launchers
+# --------------------------------------------------------------------------------------------
+def forward_epilogue(q: Tensor, k: Tensor, v: Tensor, scale: float, residual: Optional[Tensor],
+                     gamma: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+    """``softmax(q k^T * scale) v`` (times ``gamma``, plus ``residual``), and the row logsumexp.
+
+    q (B,H,Nq,Dqk), k (B,H,Nk,Dqk), v (B,H,Nk,Dv), residual (B,H,Nq,Dv) any strides or None, gamma a
+    one-element tensor in q's dtype or None -> (out (B,H,Nq,Dv) in q's dtype, laid out like a dense
+    ``residual`` when given, else contiguous; lse (B,H,Nq) fp32, fp64 for fp64 inputs).
+    """
+    B, H, Nq, Dqk = q.shape
+    Nk, Dv = k.shape[2], v.shape[3]
+    out = _attention_ops.epilogue_output(q, v, residual)
+    lse = q.new_empty((B, H, Nq), dtype=_lse_dtype(q.dtype))
+    if _poison():
+        out.fill_(float("nan"))
+        lse.fill_(float("nan"))
+    if B * H == 0 or Nq == 0:
+        return out, lse
+    t = _fwd_tiles(q, Nq, Dqk, Dv, B * H)
+    res = residual if residual is not None else out
+    res_strides = residual.stride() if residual is not None else (0, 0, 0, 0)
+    grid = (triton.cdiv(Nq, t.block_m), B * H, triton.cdiv(Dv, t.block_dv))
+    _attn_fwd_kernel[grid](
+        q, k, v, out, lse, res, gamma if gamma is not None else out,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(), *res_strides,
+        H, Nq, Nk, Dqk, Dv, scale * LOG2E,
+        ACC=_acc_tl(q.dtype), BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_D=t.block_d, BLOCK_DV=t.block_dv,
+        HAS_RES=residual is not None, HAS_GAMMA=gamma is not None,
+        num_warps=t.num_warps, num_stages=t.num_stages,
+    )
+    return out, lse
+
+
+def forward(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tuple[Tensor, Tensor]:
+    """Backend interface: (out (B,H,Nq,Dv) contiguous, lse (B,H,Nq)) for q, k, v as in ``forward_epilogue``."""
+    return forward_epilogue(q, k, v, scale, None, None)
+
+
+def backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, scale: float,
+             output_mask: Sequence[bool] = (True, True, True)) -> Tuple[Tensor, Tensor, Tensor]:
+    """Backend interface: (dq (B,H,Nq,Dqk), dk (B,H,Nk,Dqk), dv (B,H,Nk,Dv)), each contiguous in its
+    input's dtype, recomputing P from ``lse``; gradients not in ``output_mask`` are empty (0,) tensors."""
+    B, H, Nq, Dqk = q.shape
+    Nk, Dv = k.shape[2], v.shape[3]
+    want_q, want_k, want_v = (bool(x) for x in output_mask)
+    dq = q.new_empty(q.shape) if want_q else q.new_empty((0,))
+    dk = k.new_empty(k.shape) if want_k else k.new_empty((0,))
+    dv = v.new_empty(v.shape) if want_v else v.new_empty((0,))
+    if _poison():
+        for g in (dq, dk, dv):
+            g.fill_(float("nan"))
+    if B * H == 0 or not (want_q or want_k or want_v):
+        return dq, dk, dv
+    if Nq == 0:  # no query reaches any key: the key-side gradients are exactly zero
+        dk.zero_()
+        dv.zero_()
+        return dq, dk, dv
+    lse = lse.contiguous()
+    t = _bwd_tiles(q, Dqk, Dv)
+    acc = _acc_tl(q.dtype)
+    common = dict(ACC=acc, BLOCK_D=t.block_d, BLOCK_DV=t.block_dv, num_warps=t.num_warps, num_stages=t.num_stages)
+    strides = (*q.stride(), *k.stride(), *v.stride(), *grad_out.stride())
+    delta = None
+    if want_q or want_k:
+        delta = torch.empty((B, H, Nq), device=q.device, dtype=lse.dtype)
+        block = 64
+        _attn_bwd_delta_kernel[(triton.cdiv(Nq, block), B * H)](
+            out, grad_out, delta, *out.stride(), *grad_out.stride(), H, Nq, Dv,
+            ACC=acc, BLOCK_M=block, BLOCK_DV=min(_pow2(Dv), 128), num_warps=4)
+    if want_k or want_v:
+        n_slices = triton.cdiv(Dv, t.block_dv)
+        first = 0 if want_v else n_slices
+        tasks = (n_slices if want_v else 0) + (1 if want_k else 0)
+        block_n = t.block_n if _interpreting(q) else _fill_rows(t.block_n, Nk, B * H * tasks, q.device)
+        _attn_bwd_kv_kernel[(triton.cdiv(Nk, block_n), B * H, tasks)](
+            q, k, v, grad_out, lse, delta if delta is not None else lse, dk if want_k else k,
+            dv if want_v else v, *strides, H, Nq, Nk, Dqk, Dv, scale, scale * LOG2E, first, n_slices,
+            BLOCK_M=t.block_m, BLOCK_N=block_n, **common)
+    if want_q:
+        # the dQ kernel holds q and its (BLOCK_M, BLOCK_D) accumulator: fewer rows for wide heads
+        wide = q.element_size() > 2 or t.block_d > 128
+        block_m = 64 if _interpreting(q) else _fill_rows(32 if wide else 64, Nq, B * H, q.device)
+        _attn_bwd_q_kernel[(triton.cdiv(Nq, block_m), B * H)](
+            q, k, v, grad_out, lse, delta, dq, *strides, H, Nq, Nk, Dqk, Dv, scale, scale * LOG2E,
+            BLOCK_M=block_m, BLOCK_N=t.block_n, **common)
+    return dq, dk, dv
+
+
+_backends.get_backend("triton").register(_attention_ops.OP, forward, backward)
+_attention_ops.register_epilogue("triton", forward_epilogue)
