@@ -10,6 +10,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 
 from .. import _backends
+from .._extension import has_kernel
 from . import _validate, reference
 
 Tensor = torch.Tensor
@@ -60,6 +61,43 @@ def _backward(ctx, grad_out, grad_lse):
 
 _attention_op.register_autograd(_backward, setup_context=_setup_context)
 _backends.get_backend("reference").register(OP, reference.attention_forward, reference.attention_backward)
+
+# Compiled kernels (csrc/ops_attention.cpp): C++ forward and backward on the CPU; on CUDA a tensor-core
+# forward only, so the CUDA backward runs the Triton backend's kernel when it can (else the reference).
+def _compiled_forward(q, k, v, scale):
+    return torch.ops.dagan_fast.cross_modal_attention_fwd(q, k, v, scale)
+
+
+def _cpu_forward(q, k, v, scale):
+    if q.shape[-1] == v.shape[-1]:
+        # ATen's CPU flash kernel (what SDPA runs) is the faster forward where it applies (Dqk == Dv);
+        # it returns the same natural-log lse, so our backward continues from it
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, scale=scale)
+    return _compiled_forward(q, k, v, scale)
+
+
+def _compiled_backward(grad_out, q, k, v, out, lse, scale, output_mask):
+    return torch.ops.dagan_fast.cross_modal_attention_bwd(grad_out, q, k, v, out, lse, scale, list(output_mask))
+
+
+def _cuda_backward(grad_out, q, k, v, out, lse, scale, output_mask):
+    triton = _backends.get_backend("triton")
+    kernels = triton.kernels[OP] if not triton.not_supported_reasons(OP, [q]) else None
+    backward = kernels.backward if kernels is not None else reference.attention_backward
+    return backward(grad_out, q, k, v, out, lse, scale, output_mask)
+
+
+_backends.get_backend("cpu").register(OP, _cpu_forward, _compiled_backward)
+_backends.get_backend("cuda").register(OP, _compiled_forward, _cuda_backward)
+if has_kernel("cross_modal_attention_fwd", "CPU"):  # false without the library (or with an old build of it)
+    # Fake kernels of the compiled ops, so they trace under torch.compile / FakeTensorMode too.
+    torch.library.register_fake("dagan_fast::cross_modal_attention_fwd")(
+        lambda q, k, v, scale: (q.new_empty((*q.shape[:3], v.shape[-1])),
+                                q.new_empty(q.shape[:3], dtype=_lse_dtype(q.dtype))))
+    torch.library.register_fake("dagan_fast::cross_modal_attention_bwd")(
+        lambda grad_out, q, k, v, out, lse, scale, output_mask: tuple(
+            t.new_empty(t.shape) if want else t.new_empty((0,)) for t, want in zip((q, k, v), output_mask)))
+
 
 # Backends whose forward can apply ``gamma * out + residual`` while storing: name ->
 # fn(q, k, v, scale, residual or None, gamma (1,) or None) -> (out laid out like epilogue_output, lse).
