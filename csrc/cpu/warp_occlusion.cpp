@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
+#include <memory>
 #include <type_traits>
 #include <vector>
 
@@ -271,7 +272,23 @@ DAGAN_AVX2 __attribute__((noinline)) void fill_taps_avx2(TapsF32& t, const WarpG
   alignas(32) float gx[kTile], gy[kTile];
   const float* gp = grid + b * g.grid_stride[0] + y * g.grid_stride[1] + x0 * g.grid_stride[2];
   const float* op = occ ? occ + b * g.occ_stride[0] + y * g.occ_stride[2] + x0 * g.occ_stride[3] : nullptr;
-  for (int64_t i = 0; i < n; ++i) {
+  int64_t done = 0;
+  if (g.grid_stride[3] == 1 && g.grid_stride[2] == 2) {  // contiguous (x, y) pairs: deinterleave 8 at a time
+    for (; done + 8 <= n; done += 8) {
+      const __m256 a = _mm256_loadu_ps(gp + 2 * done), c = _mm256_loadu_ps(gp + 2 * done + 8);
+      // shuffles give lanes [0 1 4 5 2 3 6 7]; the 64-bit permute restores pixel order
+      _mm256_store_ps(gx + done, _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(_mm256_shuffle_ps(a, c, 0x88)), 0xD8)));
+      _mm256_store_ps(gy + done, _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(_mm256_shuffle_ps(a, c, 0xDD)), 0xD8)));
+      _mm256_store_ps(t.occlusion + done,
+                      !op ? _mm256_set1_ps(1.0f)
+                          : g.occ_stride[3] == 1 ? _mm256_loadu_ps(op + done)
+                                                 : _mm256_setr_ps(op[(done + 0) * g.occ_stride[3]], op[(done + 1) * g.occ_stride[3]],
+                                                                  op[(done + 2) * g.occ_stride[3]], op[(done + 3) * g.occ_stride[3]],
+                                                                  op[(done + 4) * g.occ_stride[3]], op[(done + 5) * g.occ_stride[3]],
+                                                                  op[(done + 6) * g.occ_stride[3]], op[(done + 7) * g.occ_stride[3]]));
+    }
+  }
+  for (int64_t i = done; i < n; ++i) {
     gx[i] = gp[i * g.grid_stride[2]];
     gy[i] = gp[i * g.grid_stride[2] + g.grid_stride[3]];
     t.occlusion[i] = op ? op[i * g.occ_stride[3]] : 1.0f;
@@ -416,12 +433,13 @@ DAGAN_AVX2 inline __m256 sample_pairs8(const TapsF32& t, const float* plane, int
   return _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(s), 0xD8));
 }
 
-// Forward of one tile for all channels; channel-outer so each input plane's lines stay in L1.
+// Forward of one tile for channels [c0, c1); channel-outer so each input plane's lines stay in L1.
 DAGAN_AVX2 __attribute__((noinline)) void forward_tile_avx2(const TapsF32& t, int64_t n, const WarpGeometry& g,
-                                                             const float* in_b, float* out_row, bool pairs) {
+                                                             const float* in_b, float* out_row, bool pairs, int64_t c0,
+                                                             int64_t c1) {
   const __m256i tail = lane_mask(n & 7);
   const int64_t n8 = n & ~int64_t(7);
-  for (int64_t c = 0; c < g.channels; ++c) {
+  for (int64_t c = c0; c < c1; ++c) {
     const float* plane = in_b + c * g.in_stride[1];
     float* o = out_row + c * g.out_stride[1];
     if (pairs) {
@@ -445,17 +463,78 @@ DAGAN_AVX2 __attribute__((noinline)) void forward_tile_avx2(const TapsF32& t, in
   }
 }
 
+// 8x8 transpose: r[p] holds 8 channels of pixel p on entry, 8 pixels of channel j in r[j] on exit.
+DAGAN_AVX2 inline void transpose8(__m256 r[8]) {
+  const __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
+  const __m256 t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);
+  const __m256 t4 = _mm256_unpacklo_ps(r[4], r[5]), t5 = _mm256_unpackhi_ps(r[4], r[5]);
+  const __m256 t6 = _mm256_unpacklo_ps(r[6], r[7]), t7 = _mm256_unpackhi_ps(r[6], r[7]);
+  const __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+  const __m256 u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+  const __m256 u4 = _mm256_shuffle_ps(t4, t6, 0x44), u5 = _mm256_shuffle_ps(t4, t6, 0xEE);
+  const __m256 u6 = _mm256_shuffle_ps(t5, t7, 0x44), u7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+  r[0] = _mm256_permute2f128_ps(u0, u4, 0x20);
+  r[1] = _mm256_permute2f128_ps(u1, u5, 0x20);
+  r[2] = _mm256_permute2f128_ps(u2, u6, 0x20);
+  r[3] = _mm256_permute2f128_ps(u3, u7, 0x20);
+  r[4] = _mm256_permute2f128_ps(u0, u4, 0x31);
+  r[5] = _mm256_permute2f128_ps(u1, u5, 0x31);
+  r[6] = _mm256_permute2f128_ps(u2, u6, 0x31);
+  r[7] = _mm256_permute2f128_ps(u3, u7, 0x31);
+}
+
+// channels_last forward (in_stride[1] == 1, C >= 8): each tap of a pixel is a contiguous run of
+// channels, read 8 at a time (masked past C); an 8x8 transpose turns 8 pixels x 8 channels into
+// pixel-contiguous rows of the (B,C,Ho,Wo) output. Channel chunks are the outer loop so the
+// tile's tap lines stay in L1 from one chunk to the next. Same operation order as the generic
+// path, so the same bits.
+DAGAN_AVX2 __attribute__((noinline)) void forward_tile_cl_avx2(const TapsF32& t, int64_t n, const WarpGeometry& g,
+                                                                const float* in_b, float* out_row) {
+  for (int64_t c = 0; c < g.channels; c += 8) {
+    const int64_t lanes_c = std::min<int64_t>(8, g.channels - c);
+    const __m256i cmask = lane_mask(lanes_c);
+    const float* in_c = in_b + c;
+    for (int64_t i = 0; i < n; i += 8) {
+      __m256 r[8];
+      for (int p = 0; p < 8; ++p) {
+        const int64_t q = i + p;  // padded pixels have all taps masked: they read nothing
+        __m256 s = _mm256_setzero_ps();
+        for (int k = 0; k < 4; ++k) {
+          const __m256i m = _mm256_and_si256(cmask, _mm256_set1_epi32(t.mask[k][q]));
+          const __m256 v = _mm256_maskload_ps(in_c + t.offset[k][q], m);
+          const __m256 wv = _mm256_mul_ps(_mm256_broadcast_ss(t.weight[k] + q), v);
+          s = k == 0 ? wv : _mm256_add_ps(s, wv);
+        }
+        r[p] = _mm256_mul_ps(s, _mm256_broadcast_ss(t.occlusion + q));
+      }
+      transpose8(r);
+      const int64_t lanes_p = std::min<int64_t>(8, n - i);
+      const __m256i pmask = lane_mask(lanes_p);
+      for (int j = 0; j < lanes_c; ++j) {
+        float* o = out_row + (c + j) * g.out_stride[1] + i;
+        if (lanes_p == 8) {
+          _mm256_storeu_ps(o, r[j]);
+        } else {
+          _mm256_maskstore_ps(o, pmask, r[j]);
+        }
+      }
+    }
+  }
+}
+
 // Grid and occlusion gradients of one tile (sums over channels, channel-outer as the forward).
+// Channels [c0, c1) are added to the accumulators, which are zeroed first when `first`.
 DAGAN_AVX2 __attribute__((noinline)) void grid_grad_tile_avx2(const TapsF32& t, int64_t n, const WarpGeometry& g,
                                                                const float* in_b, const float* go_row, float* gix,
-                                                               float* giy, float* gocc) {
+                                                               float* giy, float* gocc, int64_t c0, int64_t c1,
+                                                               bool first) {
   const __m256 one = _mm256_set1_ps(1.0f);
-  for (int64_t i = 0; i < n; i += 8) {
+  for (int64_t i = 0; i < n && first; i += 8) {
     _mm256_store_ps(gix + i, _mm256_setzero_ps());
     _mm256_store_ps(giy + i, _mm256_setzero_ps());
     _mm256_store_ps(gocc + i, _mm256_setzero_ps());
   }
-  for (int64_t c = 0; c < g.channels; ++c) {
+  for (int64_t c = c0; c < c1; ++c) {
     const float* plane = in_b + c * g.in_stride[1];
     const float* go = go_row + c * g.out_stride[1];
     for (int64_t i = 0; i < n; i += 8) {
@@ -489,15 +568,17 @@ DAGAN_AVX2 inline __m256 lane_sum(__m256 ta, __m256 tb, __m256 ba, __m256 bb, co
                        _mm256_shuffle_ps(qa, qb, 0xDD));
 }
 
+// Channels [c0, c1); accumulators zeroed when `first`, put back in pixel order when `last`.
 DAGAN_AVX2 __attribute__((noinline)) void grid_grad_pairs_avx2(const TapsF32& t, int64_t n, const WarpGeometry& g,
                                                                 const float* in_b, const float* go_row, float* gix,
-                                                                float* giy, float* gocc) {
-  for (int64_t i = 0; i < n; i += 8) {
+                                                                float* giy, float* gocc, int64_t c0, int64_t c1,
+                                                                bool first, bool last) {
+  for (int64_t i = 0; i < n && first; i += 8) {
     _mm256_store_ps(gix + i, _mm256_setzero_ps());
     _mm256_store_ps(giy + i, _mm256_setzero_ps());
     _mm256_store_ps(gocc + i, _mm256_setzero_ps());
   }
-  for (int64_t c = 0; c < g.channels; ++c) {
+  for (int64_t c = c0; c < c1; ++c) {
     const float* plane = in_b + c * g.in_stride[1];
     const float* go = go_row + c * g.out_stride[1];
     for (int64_t i = 0; i < n; i += 8) {
@@ -517,7 +598,7 @@ DAGAN_AVX2 __attribute__((noinline)) void grid_grad_pairs_avx2(const TapsF32& t,
       _mm256_store_ps(giy + i, _mm256_add_ps(_mm256_load_ps(giy + i), _mm256_mul_ps(dy, gs)));
     }
   }
-  for (int64_t i = 0; i < n; i += 8) {
+  for (int64_t i = 0; i < n && last; i += 8) {
     _mm256_store_ps(gix + i, swap_middle(_mm256_load_ps(gix + i)));
     _mm256_store_ps(giy + i, swap_middle(_mm256_load_ps(giy + i)));
     _mm256_store_ps(gocc + i, swap_middle(_mm256_load_ps(gocc + i)));
@@ -572,74 +653,154 @@ int64_t tasks_grain(const WarpGeometry& g) {
 bool row_pairs(const WarpGeometry& g) { return g.in_stride[3] == 1 && g.in_w >= 2; }
 
 void forward_avx2(const WarpGeometry& g, const float* input, const float* grid, const float* occ, float* out) {
-  const int64_t tiles_per_row = (g.out_w + kTile - 1) / kTile;
-  const bool pairs = row_pairs(g);
-  at::parallel_for(0, g.batch * g.out_h * tiles_per_row, tasks_grain(g), [&](int64_t begin, int64_t end) {
-    TapsF32 t;
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / (g.out_h * tiles_per_row), y = (task / tiles_per_row) % g.out_h;
-      const int64_t x0 = (task % tiles_per_row) * kTile, n = std::min(kTile, g.out_w - x0);
-      fill_taps_avx2(t, g, grid, occ, b, y, x0, n, static_cast<int32_t>(g.in_stride[2]),
-                     static_cast<int32_t>(g.in_stride[3]), pairs, false);
-      forward_tile_avx2(t, n, g, input + b * g.in_stride[0],
-                        out + b * g.out_stride[0] + y * g.out_stride[2] + x0 * g.out_stride[3], pairs);
-    }
-  });
-}
-
-void grid_grad_avx2(const WarpGeometry& g, const float* grad_out, const float* input, const float* grid,
-                    const float* occ, float* grad_grid, float* grad_occ) {
-  const int64_t tiles_per_row = (g.out_w + kTile - 1) / kTile;
-  const float sx = warp::grid_coord_scale<float>(g.in_w), sy = warp::grid_coord_scale<float>(g.in_h);
-  const bool pairs = row_pairs(g);
-  at::parallel_for(0, g.batch * g.out_h * tiles_per_row, tasks_grain(g), [&](int64_t begin, int64_t end) {
-    TapsF32 t;
-    alignas(32) float gix[kTile], giy[kTile], gocc[kTile];
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / (g.out_h * tiles_per_row), y = (task / tiles_per_row) % g.out_h;
-      const int64_t x0 = (task % tiles_per_row) * kTile, n = std::min(kTile, g.out_w - x0);
-      fill_taps_avx2(t, g, grid, occ, b, y, x0, n, static_cast<int32_t>(g.in_stride[2]),
-                     static_cast<int32_t>(g.in_stride[3]), pairs, pairs);
-      const float* go_row = grad_out + b * g.out_stride[0] + y * g.out_stride[2] + x0 * g.out_stride[3];
-      if (pairs) {
-        grid_grad_pairs_avx2(t, n, g, input + b * g.in_stride[0], go_row, gix, giy, gocc);
-      } else {
-        grid_grad_tile_avx2(t, n, g, input + b * g.in_stride[0], go_row, gix, giy, gocc);
-      }
-      const int64_t pix = (b * g.out_h + y) * g.out_w + x0;  // gradient outputs are contiguous
-      for (int64_t i = 0; i < n; ++i) {
-        if (grad_grid) {
-          grad_grid[2 * (pix + i)] = gix[i] * sx;
-          grad_grid[2 * (pix + i) + 1] = giy[i] * sy;
-        }
-        if (grad_occ) grad_occ[pix + i] = gocc[i];
-      }
-    }
-  });
-}
-
-// Input gradient: the taps of one batch element are computed once (in parallel over row tiles),
-// then each task scatters one (channel, pixel segment) into its own buffer, in pixel order. The
-// segment count depends only on the shape (more segments when there are few channels, so two
-// threads stay busy at C=3), and the segments are added in a fixed order: bitwise deterministic
-// whatever the thread count.
-void input_grad_avx2(const WarpGeometry& g, const float* grad_out, const float* grid, const float* occ,
-                     float* grad_in /* zeroed, contiguous (B,C,Hi,Wi) */) {
   const int64_t tiles_per_row = (g.out_w + kTile - 1) / kTile, tiles = g.out_h * tiles_per_row;
-  const int64_t plane = g.in_h * g.in_w;
-  const int64_t segments = g.channels >= 8 ? 1 : std::min<int64_t>(tiles, (8 + g.channels - 1) / g.channels);
-  const int64_t tiles_per_segment = (tiles + segments - 1) / segments;
-  std::vector<TapsF32> taps(static_cast<size_t>(tiles));
-  // Segment s > 0 of channel c accumulates in partial[((c * (segments - 1)) + s - 1) * plane ...].
-  std::vector<float> partial(static_cast<size_t>(segments > 1 ? g.channels * (segments - 1) * plane : 0));
+  const bool cl = g.in_stride[1] == 1 && g.channels >= 8;  // channels_last (or NHWC-strided) input
+  const bool pairs = !cl && row_pairs(g);
+  const int64_t plane_bytes = g.in_h * g.in_w * static_cast<int64_t>(sizeof(float));
+  if (cl || g.channels < 8 || g.channels * plane_bytes <= (int64_t(256) << 10)) {
+    // All of a tile's reads fit in L2 (or each tap is one contiguous channel run): one pass,
+    // taps computed per tile and used at once by every channel.
+    at::parallel_for(0, g.batch * tiles, tasks_grain(g), [&](int64_t begin, int64_t end) {
+      TapsF32 t;
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t b = task / tiles, y = (task % tiles) / tiles_per_row;
+        const int64_t x0 = (task % tiles_per_row) * kTile, n = std::min(kTile, g.out_w - x0);
+        fill_taps_avx2(t, g, grid, occ, b, y, x0, n, static_cast<int32_t>(g.in_stride[2]),
+                       static_cast<int32_t>(g.in_stride[3]), pairs, false);
+        float* out_row = out + b * g.out_stride[0] + y * g.out_stride[2] + x0 * g.out_stride[3];
+        if (cl) {
+          forward_tile_cl_avx2(t, n, g, input + b * g.in_stride[0], out_row);
+        } else {
+          forward_tile_avx2(t, n, g, input + b * g.in_stride[0], out_row, pairs, 0, g.channels);
+        }
+      }
+    });
+    return;
+  }
+  // Planar input larger than L2: otherwise every tile would stream all C planes again. The taps of
+  // one batch element are computed once, then tasks take a block of channels whose planes fit in
+  // half of L2 and a range of tiles, so each plane is fetched from memory about once.
+  const int64_t block_c = std::max<int64_t>(1, std::min<int64_t>(g.channels, (int64_t(512) << 10) / plane_bytes));
+  const int64_t blocks = (g.channels + block_c - 1) / block_c;
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t chunks = std::min<int64_t>(tiles, std::max<int64_t>(1, (4 * threads + blocks - 1) / blocks));
+  const int64_t tiles_per_chunk = (tiles + chunks - 1) / chunks;
+  std::unique_ptr<TapsF32[]> taps(new TapsF32[tiles]);  // default-initialised: every read tile is filled first
   for (int64_t b = 0; b < g.batch; ++b) {
     at::parallel_for(0, tiles, 16, [&](int64_t begin, int64_t end) {
       for (int64_t tile = begin; tile < end; ++tile) {
         const int64_t y = tile / tiles_per_row, x0 = (tile % tiles_per_row) * kTile;
         fill_taps_avx2(taps[tile], g, grid, occ, b, y, x0, std::min(kTile, g.out_w - x0),
-                       static_cast<int32_t>(g.in_w), 1, false, false);
+                       static_cast<int32_t>(g.in_stride[2]), static_cast<int32_t>(g.in_stride[3]), pairs, false);
       }
     });
+    at::parallel_for(0, blocks * chunks, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t c0 = (task / chunks) * block_c, c1 = std::min(g.channels, c0 + block_c);
+        const int64_t t0 = (task % chunks) * tiles_per_chunk, t1 = std::min(tiles, t0 + tiles_per_chunk);
+        for (int64_t tile = t0; tile < t1; ++tile) {
+          const int64_t y = tile / tiles_per_row, x0 = (tile % tiles_per_row) * kTile;
+          forward_tile_avx2(taps[tile], std::min(kTile, g.out_w - x0), g, input + b * g.in_stride[0],
+                            out + b * g.out_stride[0] + y * g.out_stride[2] + x0 * g.out_stride[3], pairs, c0, c1);
+        }
+      }
+    });
+  }
+}
+
+// Backward. Grid and occlusion gradients: as in forward_avx2, planar inputs larger than L2 use a
+// taps table per batch element and channel blocks; each task owns a range of tiles and runs the
+// blocks in order, so every pixel still sums its channels 0..C-1 in order (same bits as one pass).
+// Input gradient: from a taps table with offsets into the contiguous (B,C,Hi,Wi) buffer, each task
+// scatters one (channel, pixel segment) into its own buffer, in pixel order. The segment count
+// depends only on the shape (more segments when there are few channels, so two threads stay busy
+// at C=3) and segments are added in a fixed order: bitwise deterministic whatever the thread count.
+// When the input planes are contiguous the two tables are the same, so it is computed once.
+void backward_avx2(const WarpGeometry& g, const float* grad_out, const float* input, const float* grid,
+                   const float* occ, float* grad_grid, float* grad_occ,
+                   float* grad_in /* zeroed, contiguous (B,C,Hi,Wi), or null */) {
+  const int64_t tiles_per_row = (g.out_w + kTile - 1) / kTile, tiles = g.out_h * tiles_per_row;
+  const float sx = warp::grid_coord_scale<float>(g.in_w), sy = warp::grid_coord_scale<float>(g.in_h);
+  const bool coords = grad_grid || grad_occ, pairs = row_pairs(g);
+  const int64_t plane = g.in_h * g.in_w, plane_bytes = plane * static_cast<int64_t>(sizeof(float));
+  const bool blocked = g.in_stride[1] != 1 && g.channels >= 8 && g.channels * plane_bytes > (int64_t(256) << 10);
+  const bool shared = grad_in && coords && g.in_stride[3] == 1 && g.in_stride[2] == g.in_w;
+  const int64_t block_c = blocked ? std::max<int64_t>(1, std::min<int64_t>(g.channels, (int64_t(512) << 10) / plane_bytes))
+                                  : std::max<int64_t>(1, g.channels);
+  const int64_t blocks = std::max<int64_t>(1, (g.channels + block_c - 1) / block_c);
+  auto write = [&](int64_t b, int64_t tile, int64_t n, const float* gix, const float* giy, const float* gocc) {
+    const int64_t pix = (b * g.out_h + tile / tiles_per_row) * g.out_w + (tile % tiles_per_row) * kTile;
+    for (int64_t i = 0; i < n; ++i) {  // gradient outputs are contiguous
+      if (grad_grid) {
+        grad_grid[2 * (pix + i)] = gix[i] * sx;
+        grad_grid[2 * (pix + i) + 1] = giy[i] * sy;
+      }
+      if (grad_occ) grad_occ[pix + i] = gocc[i];
+    }
+  };
+  auto coord_pass = [&](const TapsF32& t, int64_t b, int64_t tile, float* gix, float* giy, float* gocc, int64_t c0,
+                        int64_t c1, bool first, bool last) {
+    const int64_t y = tile / tiles_per_row, x0 = (tile % tiles_per_row) * kTile, n = std::min(kTile, g.out_w - x0);
+    const float* go_row = grad_out + b * g.out_stride[0] + y * g.out_stride[2] + x0 * g.out_stride[3];
+    if (pairs) {
+      grid_grad_pairs_avx2(t, n, g, input + b * g.in_stride[0], go_row, gix, giy, gocc, c0, c1, first, last);
+    } else {
+      grid_grad_tile_avx2(t, n, g, input + b * g.in_stride[0], go_row, gix, giy, gocc, c0, c1, first);
+    }
+    if (last) write(b, tile, n, gix, giy, gocc);
+  };
+  auto fill = [&](TapsF32& t, int64_t b, int64_t tile, bool for_input_grad) {
+    const int64_t x0 = (tile % tiles_per_row) * kTile, n = std::min(kTile, g.out_w - x0);
+    if (for_input_grad) {
+      fill_taps_avx2(t, g, grid, occ, b, tile / tiles_per_row, x0, n, static_cast<int32_t>(g.in_w), 1, false, false);
+    } else {
+      fill_taps_avx2(t, g, grid, occ, b, tile / tiles_per_row, x0, n, static_cast<int32_t>(g.in_stride[2]),
+                     static_cast<int32_t>(g.in_stride[3]), pairs, pairs);
+    }
+  };
+  const bool coords_in_table = coords && (blocked || shared);
+  if (coords && !coords_in_table) {  // taps used as soon as computed, one tile at a time
+    at::parallel_for(0, g.batch * tiles, tasks_grain(g), [&](int64_t begin, int64_t end) {
+      TapsF32 t;
+      alignas(32) float gix[kTile], giy[kTile], gocc[kTile];
+      for (int64_t task = begin; task < end; ++task) {
+        fill(t, task / tiles, task % tiles, false);
+        coord_pass(t, task / tiles, task % tiles, gix, giy, gocc, 0, g.channels, true, true);
+      }
+    });
+  }
+  if (!coords_in_table && !grad_in) return;
+
+  std::unique_ptr<TapsF32[]> taps(new TapsF32[tiles]);  // default-initialised: every read tile is filled first
+  struct alignas(32) TileAcc {
+    float gix[kTile], giy[kTile], gocc[kTile];
+  };
+  std::unique_ptr<TileAcc[]> acc(coords_in_table ? new TileAcc[tiles] : nullptr);
+  const int64_t segments = g.channels >= 4 ? 1 : std::min<int64_t>(tiles, (4 + g.channels - 1) / g.channels);
+  const int64_t tiles_per_segment = (tiles + segments - 1) / segments;
+  // Segment s > 0 of channel c accumulates in partial[((c * (segments - 1)) + s - 1) * plane ...].
+  std::vector<float> partial(static_cast<size_t>(grad_in && segments > 1 ? g.channels * (segments - 1) * plane : 0));
+  for (int64_t b = 0; b < g.batch; ++b) {
+    if (coords_in_table) {
+      at::parallel_for(0, tiles, 16, [&](int64_t begin, int64_t end) {
+        for (int64_t tile = begin; tile < end; ++tile) fill(taps[tile], b, tile, false);
+      });
+      at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t block = 0; block < blocks; ++block) {
+          const int64_t c0 = block * block_c, c1 = std::min(g.channels, c0 + block_c);
+          for (int64_t tile = begin; tile < end; ++tile) {
+            TileAcc& a = acc[tile];
+            coord_pass(taps[tile], b, tile, a.gix, a.giy, a.gocc, c0, c1, block == 0, block == blocks - 1);
+          }
+        }
+      });
+    }
+    if (!grad_in) continue;
+    if (!(coords_in_table && shared)) {
+      at::parallel_for(0, tiles, 16, [&](int64_t begin, int64_t end) {
+        for (int64_t tile = begin; tile < end; ++tile) fill(taps[tile], b, tile, true);
+      });
+    }
     at::parallel_for(0, g.channels * segments, 1, [&](int64_t begin, int64_t end) {
       for (int64_t task = begin; task < end; ++task) {
         const int64_t c = task / segments, s = task % segments;
@@ -650,18 +811,21 @@ void input_grad_avx2(const WarpGeometry& g, const float* grad_out, const float* 
         const int64_t t1 = std::min(tiles, (s + 1) * tiles_per_segment);
         for (int64_t tile = s * tiles_per_segment; tile < t1; ++tile) {
           const int64_t y = tile / tiles_per_row, x0 = (tile % tiles_per_row) * kTile;
-          input_grad_tile_avx2(taps[tile], std::min(kTile, g.out_w - x0), go_bc + y * g.out_stride[2] + x0 * g.out_stride[3],
-                               g.out_stride[3], gi);
+          input_grad_tile_avx2(taps[tile], std::min(kTile, g.out_w - x0),
+                               go_bc + y * g.out_stride[2] + x0 * g.out_stride[3], g.out_stride[3], gi);
         }
       }
     });
     if (segments > 1) {
       at::parallel_for(0, g.channels * plane, 4096, [&](int64_t begin, int64_t end) {
-        for (int64_t e = begin; e < end; ++e) {
-          const int64_t c = e / plane, p = e % plane;
-          float acc = grad_in[(b * g.channels + c) * plane + p];
-          for (int64_t s = 1; s < segments; ++s) acc += partial[((c * (segments - 1)) + s - 1) * plane + p];
-          grad_in[(b * g.channels + c) * plane + p] = acc;
+        for (int64_t e = begin; e < end;) {  // runs of one channel: contiguous, vectorisable adds
+          const int64_t c = e / plane, p0 = e % plane, p1 = std::min(plane, p0 + (end - e));
+          float* dst = grad_in + (b * g.channels + c) * plane;
+          for (int64_t s = 1; s < segments; ++s) {  // segment order fixed: deterministic sums
+            const float* src = partial.data() + ((c * (segments - 1)) + s - 1) * plane;
+            for (int64_t p = p0; p < p1; ++p) dst[p] += src[p];
+          }
+          e += p1 - p0;
         }
       });
     }
@@ -740,12 +904,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> warp_occlusion_backward(
     const float* go = grad_output.const_data_ptr<float>();
     const float* gr = grid.const_data_ptr<float>();
     const float* oc = occ ? occ->const_data_ptr<float>() : nullptr;
-    if (want_grid || want_occ) {
-      grid_grad_avx2(g, go, input.const_data_ptr<float>(), gr, oc,
-                     want_grid ? grad_grid.mutable_data_ptr<float>() : nullptr,
-                     want_occ ? grad_occ.mutable_data_ptr<float>() : nullptr);
-    }
-    if (want_input) input_grad_avx2(g, go, gr, oc, grad_input.mutable_data_ptr<float>());
+    backward_avx2(g, go, input.const_data_ptr<float>(), gr, oc, want_grid ? grad_grid.mutable_data_ptr<float>() : nullptr,
+                  want_occ ? grad_occ.mutable_data_ptr<float>() : nullptr,
+                  want_input ? grad_input.mutable_data_ptr<float>() : nullptr);
     return {grad_input, grad_grid, grad_occ};
   }
 #endif
