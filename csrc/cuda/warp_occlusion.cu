@@ -353,7 +353,9 @@ __global__ void gather_input_grad_kernel(WarpGeometry g, const T* __restrict__ g
       const auto t = pixel_taps<T, A>(g, grid, b, y, x, g.in_w, 1);
       const A go = to_acc<A>(grad_out[b * g.out_stride[0] + c * g.out_stride[1] + y * g.out_stride[2] +
                                       x * g.out_stride[3]]);
-      sum += t.weight[k] * (go * occlusion_at<T, A>(g, occ, b, y, x));
+      // Selected, not indexed: a runtime index into the taps struct would put it in local memory.
+      const A w = k == 0 ? t.weight[0] : k == 1 ? t.weight[1] : k == 2 ? t.weight[2] : t.weight[3];
+      sum += w * (go * occlusion_at<T, A>(g, occ, b, y, x));
     }
     const int64_t plane = g.in_h * g.in_w;
     const int64_t b = static_cast<int64_t>(key) / plane, rest = static_cast<int64_t>(key) % plane;
