@@ -1,10 +1,17 @@
 // CPU kernels of dagan_fast::warp_occlusion_fwd / _bwd: grid_sample(bilinear, zeros,
 // align_corners=False) times an optional occlusion map; any input strides, deterministic.
 //
-// Layout of the work: output pixels are processed in row tiles of kTile pixels. The taps of a tile
-// (offsets, weights, validity, occlusion) are computed once, then every channel runs a tight loop
-// over the tile: contiguous output writes and, for NCHW and channels_last inputs alike, input cache
-// lines that stay in L1 from one channel to the next.
+// Two implementations of the same numerics:
+//  * generic (any dtype, any CPU): output pixels in row tiles of kTile pixels; the taps of a tile
+//    are computed once (warp::bilinear_taps), then every channel runs a loop over the tile.
+//  * float32 with AVX2 (chosen at run time): the taps of 8 pixels at a time in vector registers
+//    (same IEEE operations, same bits); planar inputs read each pixel's two tap rows as two 8-byte
+//    "row pairs" clamped inside the plane, channels_last inputs read 8 contiguous channels per tap
+//    and transpose 8x8 blocks into the planar output; inputs whose planes exceed L2 are processed
+//    in channel blocks over a per-image taps table, so each plane is fetched about once.
+// Both backward passes are race-free: the grid/occlusion gradients are per-pixel sums over
+// channels, and each task owns whole planes (or fixed pixel segments, summed in a fixed order) of
+// the input gradient.
 #include "warp_occlusion.h"
 
 #include <algorithm>
@@ -228,9 +235,10 @@ void input_grad(const WarpGeometry& g, const scalar_t* grad_out, const scalar_t*
 // float32 fast path for x86-64 CPUs with AVX2, chosen at run time (the library itself is built for
 // baseline x86-64, so these functions carry their own target attribute and are only called after
 // __builtin_cpu_supports("avx2")). Eight output pixels per vector: the tap math is the same sequence
-// of IEEE operations as warp::bilinear_taps (no FMA contraction: "avx2" only, not "fma"), so it
-// returns the same bits as the generic path above, and the four taps are masked gathers, so an
-// invalid tap never loads (no out-of-bounds read, no inf * 0).
+// of IEEE operations as warp::bilinear_taps (no FMA contraction: "avx2" only, not "fma"), so the
+// forward returns the same bits as the generic path above. Invalid taps never load: masked gathers
+// and masked loads skip them, and row-pair lanes that hold no tap are masked to zero before they
+// are weighted (no out-of-bounds read, no inf * 0).
 #if defined(__x86_64__) && defined(__GNUC__)
 #define DAGAN_WARP_HAVE_AVX2 1
 #define DAGAN_AVX2 __attribute__((target("avx2")))
