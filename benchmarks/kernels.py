@@ -72,12 +72,16 @@ def report(rows: List[dict], op: str, shape: str, baseline: str, results: Dict[s
 
 # ---------------------------------------------------------------- warp
 def bench_warp(device, full: bool, meta: dict) -> List[dict]:
-    shapes = [(1, 256, 64, 64), (8, 256, 64, 64), (1, 64, 256, 256), (1, 3, 256, 256), (8, 3, 256, 256)]
+    # (B, C, H, W, layout of the input): DaGAN's feature warp (C256 64x64), the image warp (C3), and
+    # the feature warp with a channels_last input (as conv stacks in channels_last produce it)
+    shapes = [(1, 256, 64, 64, "nchw"), (8, 256, 64, 64, "nchw"), (8, 256, 64, 64, "channels_last"),
+              (1, 64, 256, 256, "nchw"), (1, 3, 256, 256, "nchw"), (8, 3, 256, 256, "nchw")]
     if full or device.type == "cuda":
-        shapes += [(32, 256, 64, 64), (8, 64, 256, 256), (32, 3, 256, 256)]
+        shapes += [(32, 256, 64, 64, "nchw"), (8, 64, 256, 256, "nchw"), (32, 3, 256, 256, "nchw")]
     rows: List[dict] = []
-    for B, C, H, W in shapes:
-        x = torch.randn(B, C, H, W, device=device, requires_grad=True)
+    for B, C, H, W, layout in shapes:
+        fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+        x = torch.randn(B, C, H, W, device=device).contiguous(memory_format=fmt).requires_grad_()
         grid = ((torch.rand(B, H, W, 2, device=device) * 2 - 1) * 1.05).requires_grad_()
         occ = torch.rand(B, 1, H, W, device=device, requires_grad=True)
         inputs = [x, grid, occ]
@@ -91,7 +95,8 @@ def bench_warp(device, full: bool, meta: dict) -> List[dict]:
         fwd_bytes = e * (B * C * H * W * 2 + B * H * W * 3)
         bwd_bytes = e * (B * C * H * W * 3 + B * H * W * 6)
         work = {"forward": fwd_bytes, "backward": bwd_bytes, "forward+backward": fwd_bytes + bwd_bytes}
-        report(rows, "warp_occlusion", f"B{B} C{C} {H}x{W}", "pytorch", results, work, "GB/s", device, meta)
+        shape = f"B{B} C{C} {H}x{W}" + (" channels_last" if layout == "channels_last" else "")
+        report(rows, "warp_occlusion", shape, "pytorch", results, work, "GB/s", device, meta)
     return rows
 
 

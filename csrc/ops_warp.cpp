@@ -1,6 +1,7 @@
 // dagan_fast::warp_occlusion_fwd/_bwd: schemas, the C++ CPU kernels and (when nvcc built them) the
 // CUDA kernels behind the CUDA dispatch key.
 #include <torch/library.h>
+#include <ATen/Context.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
@@ -31,6 +32,7 @@ warp::WarpGeometry geometry(const at::Tensor& input, const at::Tensor& grid, con
     g.grid_stride[i] = grid.stride(i);
     g.occ_stride[i] = occ.has_value() ? occ->stride(i) : 0;
     g.out_stride[i] = out.stride(i);
+    g.grad_in_stride[i] = 0;
   }
   return g;
 }
@@ -59,23 +61,38 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> warp_backward_cuda(const at::Tens
   const bool want_occ = mask[2] && occ.has_value();
   const int64_t B = input.size(0), Ho = grid.size(1), Wo = grid.size(2);
   const auto acc_type = input.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  at::Tensor grad_acc = mask[0] ? at::zeros(input.sizes(), input.options().dtype(acc_type)) : at::Tensor();
+  // The accumulation buffer follows the input's layout, so channels_last atomics hit contiguous
+  // channels.
+  at::Tensor grad_acc = mask[0] ? at::zeros(input.sizes(), input.options().dtype(acc_type).memory_format(
+                                                               input.suggest_memory_format()))
+                                : at::Tensor();
   at::Tensor grad_grid = mask[1] ? at::zeros({B, Ho, Wo, 2}, grid.options()) : at::empty({0}, grid.options());
   at::Tensor grad_occ = want_occ ? at::zeros({B, 1, Ho, Wo}, grid.options()) : at::empty({0}, grid.options());
   if (grad_output.numel() > 0) {
     poison(grad_grid);
     poison(grad_occ);
-    const auto g = geometry(input, grid, occ, grad_output);
+    auto g = geometry(input, grid, occ, grad_output);
+    if (mask[0]) {
+      for (int i = 0; i < 4; ++i) g.grad_in_stride[i] = grad_acc.stride(i);
+    }
+    // torch.use_deterministic_algorithms(True): the input gradient is gathered, not atomically added.
+    const int deterministic = mask[0] && at::globalContext().deterministicAlgorithms() ? 1 : 0;
+    unsigned long long workspace_bytes = 0;
+    check_cuda(dagan_fast_warp_backward_workspace_cuda(&g, deterministic, &workspace_bytes),
+               "warp_occlusion backward workspace");
+    at::Tensor workspace = at::empty({static_cast<int64_t>(workspace_bytes)}, input.options().dtype(at::kByte));
     check_cuda(dagan_fast_warp_backward_cuda(
                    dtype_code(input), &g, grad_output.const_data_ptr(), input.const_data_ptr(), grid.const_data_ptr(),
                    occ.has_value() ? occ->const_data_ptr() : nullptr, mask[0] ? grad_acc.mutable_data_ptr() : nullptr,
                    mask[1] ? grad_grid.mutable_data_ptr() : nullptr, want_occ ? grad_occ.mutable_data_ptr() : nullptr,
+                   deterministic, workspace_bytes ? workspace.mutable_data_ptr() : nullptr, workspace_bytes,
                    input.device().index(), current_stream(input.device())),
                "warp_occlusion backward");
   }
+  // Returned contiguous (as the fake kernel and the CPU kernel promise): a no-op for planar inputs.
   at::Tensor grad_input = !mask[0] ? at::empty({0}, input.options())
-                          : grad_acc.scalar_type() == input.scalar_type() ? grad_acc
-                                                                          : grad_acc.to(input.scalar_type());
+                                   : grad_acc.to(input.scalar_type(), /*non_blocking=*/false, /*copy=*/false,
+                                                 at::MemoryFormat::Contiguous);
   return {grad_input, grad_grid, grad_occ};
 }
 #endif

@@ -21,6 +21,7 @@ struct WarpGeometry {
   int64_t grid_stride[4];  // grid      (B, Ho, Wo, 2)
   int64_t occ_stride[4];   // occlusion (B, 1, Ho, Wo); unused when there is no occlusion
   int64_t out_stride[4];   // output or grad_output (B, C, Ho, Wo)
+  int64_t grad_in_stride[4];  // backward: the input-gradient (accumulation) buffer (B, C, Hi, Wi)
 };
 
 // The four taps of one sample point. Invalid taps (outside the input) carry weight zero and offset

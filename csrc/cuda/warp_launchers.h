@@ -12,10 +12,17 @@ extern "C" {
 int dagan_fast_warp_forward_cuda(int dtype, const dagan_fast::warp::WarpGeometry* geometry, const void* input,
                                  const void* grid, const void* occlusion, void* out, int device, void* stream);
 
-// grad_input_acc: zeroed, contiguous (B,C,Hi,Wi) in the accumulation type (float for f32/f16/bf16,
-// double for f64) or null; grad_grid contiguous (B,Ho,Wo,2) or null; grad_occlusion contiguous
-// (B,1,Ho,Wo) or null. grad_output strides are in geometry->out_stride.
+// Device workspace (bytes) that dagan_fast_warp_backward_cuda needs for the input gradient in
+// deterministic mode; 0 otherwise. Host-only query, launches nothing.
+int dagan_fast_warp_backward_workspace_cuda(const dagan_fast::warp::WarpGeometry* geometry, int deterministic,
+                                            unsigned long long* bytes);
+
+// grad_input_acc: zeroed (B,C,Hi,Wi) in the accumulation type (float for f32/f16/bf16, double for
+// f64), strides in geometry->grad_in_stride, or null; grad_grid contiguous (B,Ho,Wo,2) or null;
+// grad_occlusion contiguous (B,1,Ho,Wo) or null. grad_output strides are in geometry->out_stride.
+// deterministic != 0: no atomics (bitwise reproducible), using `workspace` of the queried size.
 int dagan_fast_warp_backward_cuda(int dtype, const dagan_fast::warp::WarpGeometry* geometry, const void* grad_output,
                                   const void* input, const void* grid, const void* occlusion, void* grad_input_acc,
-                                  void* grad_grid, void* grad_occlusion, int device, void* stream);
+                                  void* grad_grid, void* grad_occlusion, int deterministic, void* workspace,
+                                  unsigned long long workspace_bytes, int device, void* stream);
 }
