@@ -17,6 +17,9 @@ Tolerances (max abs error):
   float64 result by up to 1.3e-3 (prediction) and 2.4e-3 (deformed) on these weights, so no float32
   implementation that orders its arithmetic differently (closed-form motion, fused attention) can promise
   1e-4 end to end. The bounds are about twice that floor; the measured values are recorded and printed.
+- float32, end to end with ``use_official_rounding()`` (the motion stage in the authors' own sequence of
+  float operations, the rest on the fast kernels): prediction, deformed image, motion field <= 1e-4, for
+  both generators, both depth backbones, absolute and relative animation (measured ~1e-5).
 - float64, end to end, every output: <= 1e-6 (the exactness check, at 128x128 to keep it affordable;
   rounding no longer hides anything).
 
@@ -267,6 +270,31 @@ def test_parity_float32(official_setup, kind, layers, images, mode, batch, given
         assert stats["occlusion_std"] > 0.05
         assert 1e-3 < stats["attention_max_mean"] < 0.9 and stats["attn_delta_rel"] > 0.1
         assert stats["pred_std"] > 0.05 and stats["pred_frac_saturated"] < 0.2
+
+
+OFFICIAL_ROUNDING_CASES = [
+    pytest.param("plain", 18, "faces", "absolute", 2, id="plain-r18-faces-absolute"),
+    pytest.param("plain", 18, "faces", "relative_adapt", 2, id="plain-r18-faces-relative_adapt"),
+    pytest.param("plain", 50, "faces", "relative", 1, id="plain-r50-faces-relative"),
+    pytest.param("spade", 18, "faces", "absolute", 1, id="spade-r18-faces-absolute", marks=pytest.mark.slow),
+    pytest.param("spade", 50, "faces", "relative", 1, id="spade-r50-faces-relative", marks=pytest.mark.slow),
+]
+
+
+@pytest.mark.parametrize("kind,layers,images,mode,batch", OFFICIAL_ROUNDING_CASES)
+def test_parity_float32_official_rounding_end_to_end(official_setup, kind, layers, images, mode, batch):
+    """With the motion stage in the authors' arithmetic (``use_official_rounding``), the float32 prediction
+    equals the official one within 1e-4 end to end, on real faces."""
+    _, models, model = official_setup(kind, layers)
+    src, drv, ini = _inputs(images, batch)
+    case = _case_id(kind, layers, images, mode, batch, "fp32-official-rounding")
+    model.use_official_rounding(True)
+    try:
+        impl, ref = _run(model, models, mode, src, drv, ini)
+    finally:
+        model.use_official_rounding(False)
+    _compare(case, impl, ref, ["prediction", "deformed", "deformation", "mask", "occlusion_map"], TOL32,
+             required=["prediction"])
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ import copy
 import math
 import types
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -20,6 +20,7 @@ import torch.nn as nn
 
 from ..ops._validate import _value_checks_enabled
 from ..ops.reference import inverse_2x2
+from .official_motion import official_inverse
 from .blocks import SPADEResnetBlock, fold_module
 from .dense_motion import DenseMotionNetwork
 from .depth import RESNET_LAYOUTS, DepthDecoder, ResnetEncoder
@@ -115,13 +116,15 @@ def convex_hull_area(points: np.ndarray) -> float:
 
 
 def normalize_kp(kp_source: KP, kp_driving: KP, kp_driving_initial: KP, adapt_movement_scale: bool = False,
-                 use_relative_movement: bool = False, use_relative_jacobian: bool = False) -> KP:
+                 use_relative_movement: bool = False, use_relative_jacobian: bool = False,
+                 inverse: Callable[[Tensor], Tensor] = inverse_2x2) -> KP:
     """The official relative motion transfer.
 
     kp_new = kp_source + (kp_driving - kp_driving_initial) * scale, and with ``use_relative_jacobian``
     J_new = J_driving inv(J_driving_initial) J_source; scale = sqrt(hull area(kp_source) /
     hull area(kp_driving_initial)) per batch element when ``adapt_movement_scale``, else 1.
     kp dicts {"value": (B or 1,K,2), "jacobian": (B or 1,K,2,2)} -> the driving batch's kp dict.
+    ``inverse``: the 2x2 inverse used (closed form with a determinant floor by default).
     """
     kp_new = dict(kp_driving)
     if not use_relative_movement:
@@ -143,7 +146,7 @@ def normalize_kp(kp_source: KP, kp_driving: KP, kp_driving_initial: KP, adapt_mo
         diff = diff * torch.tensor(scales, dtype=diff.dtype, device=diff.device).view(-1, 1, 1)
     kp_new["value"] = diff + kp_source["value"]
     if use_relative_jacobian and "jacobian" in kp_driving:
-        jacobian_diff = torch.matmul(kp_driving["jacobian"], inverse_2x2(kp_driving_initial["jacobian"]))
+        jacobian_diff = torch.matmul(kp_driving["jacobian"], inverse(kp_driving_initial["jacobian"]))
         kp_new["jacobian"] = torch.matmul(jacobian_diff, kp_source["jacobian"])
     return kp_new
 
@@ -223,15 +226,36 @@ class DaGAN(nn.Module):
     @classmethod
     def from_official(cls, checkpoint, depth_encoder, depth_decoder, *, generator: str = "auto",
                       depth_layers: Union[str, int] = "auto", num_kp: Optional[int] = None,
-                      map_location="cpu", load_discriminator: bool = False) -> "DaGAN":
+                      map_location="cpu", load_discriminator: bool = False,
+                      official_rounding: bool = False) -> "DaGAN":
         """Loads the authors' files as they are: ``checkpoint`` (``DaGAN_vox_adv_256.pth.tar`` or
         ``SPADE_DaGAN_vox_adv_256.pth.tar``), ``depth_encoder`` (``encoder.pth``), ``depth_decoder``
         (``depth.pth``). Generator kind, depth backbone and num_kp are read from the keys ("auto"/None);
         an explicit choice that disagrees with the files raises ``CheckpointMismatchError``. Returns the
-        model in eval mode. See ``dagan_fast.checkpoints.load_official``."""
+        model in eval mode. ``official_rounding``: see ``use_official_rounding``. See
+        ``dagan_fast.checkpoints.load_official``."""
         from ..checkpoints import load_official
-        return load_official(checkpoint, depth_encoder, depth_decoder, generator=generator, depth_layers=depth_layers,
-                             num_kp=num_kp, map_location=map_location, load_discriminator=load_discriminator)
+        model = load_official(checkpoint, depth_encoder, depth_decoder, generator=generator, depth_layers=depth_layers,
+                              num_kp=num_kp, map_location=map_location, load_discriminator=load_discriminator)
+        return model.use_official_rounding(official_rounding)
+
+    def use_official_rounding(self, enabled: bool = True) -> "DaGAN":
+        """Computes the dense-motion stage in the authors' float arithmetic (``models.official_motion``)
+        instead of the fused motion kernels, so that float32 outputs match the official code to ~1e-5
+        rather than to float32's own noise on warped sharp images (~1e-3). Slower motion stage; the rest of
+        the model still runs the fast kernels. Returns self."""
+        self.generator.dense_motion_network.official_rounding = bool(enabled)
+        return self
+
+    @property
+    def official_rounding(self) -> bool:
+        """Whether ``use_official_rounding`` is on."""
+        return self.generator.dense_motion_network.official_rounding
+
+    def jacobian_inverse(self, jacobian: Tensor) -> Tensor:
+        """The (...,2,2) inverse of relative animation: the official ``torch.inverse`` under
+        ``use_official_rounding``, else the closed form (both floor |det| at 1e-6)."""
+        return official_inverse(jacobian) if self.official_rounding else inverse_2x2(jacobian)
 
     @classmethod
     def load(cls, path, map_location="cpu") -> "DaGAN":
@@ -403,7 +427,8 @@ class DaGAN(nn.Module):
         if relative and kp_initial is None:
             kp_initial = results[1][1]
         kp_norm = normalize_kp(prepared.kp, kp_d, kp_initial, adapt_movement_scale=adapt_scale,
-                               use_relative_movement=relative, use_relative_jacobian=relative)
+                               use_relative_movement=relative, use_relative_jacobian=relative,
+                               inverse=self.jacobian_inverse)
         out = self._generate(prepared, image, kp_norm, depth_d, return_attention)
         out["kp_driving"] = kp_d
         out["kp_norm"] = kp_norm
