@@ -1,6 +1,6 @@
 """End-to-end latency: ``dagan_fast.Animator`` against the official-style PyTorch path, same weights, same inputs.
 
-    python benchmarks/latency.py [--model dagan|dagan-spade] [--device cpu|cuda] [--dtype fp32|fp16|bf16]
+    python benchmarks/latency.py [--model dagan|dagan-spade|daganpp] [--device cpu|cuda] [--dtype fp32|fp16|bf16]
                                  [--size 256] [--frames N] [--batch B] [--warmup W]
 
 Weights: random, non-trivial, calibrated official-layout weights (``tests/official_dagan.py``), written in the
@@ -14,6 +14,14 @@ released file layout and loaded by ``DaGAN.from_official``: both paths run the v
   recomputes them every frame too, a slower baseline).
 * fast path: ``Animator.stream`` (``optimize_for_inference()`` folding, cached source work, fused ops).
 * batched: ``Animator.animate_video(batch_size=B)`` throughput.
+
+``--model daganpp`` (DaGAN++, no official code exists): seeded random weights of the default configuration; the
+baseline is the plain-PyTorch path of the same model: ``DAGAN_FAST_BACKEND=reference`` for every op, the
+attention of each layer materialised (matmul + softmax + matmul) where its (B, N, Nk) map fits in
+``--materialize-limit-gb`` (else the reference's blocked attention), and per frame ``DaGANpp.animate`` on the
+raw source (source depth, keypoints and features recomputed). The fast path is ``Animator.stream`` as for DaGAN.
+Also reported: the share of the fast path's frame time spent in the attention layers (timed by hooks in extra
+frames, synchronising on a GPU). Rows go to ``benchmarks/results/latency-daganpp.csv``.
 
 Per-frame times (p50, p95, max, FPS) after warm-up; CUDA events on a GPU. Prints a table, then the speed-up
 ratio as the last line, and appends a row to ``benchmarks/results/latency.csv`` with provenance.
@@ -77,7 +85,7 @@ def driving_clip(official, n, size):
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", choices=("dagan", "dagan-spade"), default="dagan")
+    parser.add_argument("--model", choices=("dagan", "dagan-spade", "daganpp"), default="dagan")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32",
                         help="fast path precision (the official path is always fp32)")
@@ -90,8 +98,12 @@ def main(argv=None) -> int:
     parser.add_argument("--official-recompute-source", action="store_true",
                         help="official path: recompute the source (and initial frame) depth and keypoints per frame")
     parser.add_argument("--compile", action="store_true", help="fast path: torch.compile")
-    parser.add_argument("--csv", default=os.path.join(HERE, "results", "latency.csv"))
+    parser.add_argument("--materialize-limit-gb", type=float, default=4.0,
+                        help="daganpp baseline: materialise a layer's attention map when it takes at most this")
+    parser.add_argument("--csv", default=None, help="default: results/latency.csv (latency-daganpp.csv for daganpp)")
     args = parser.parse_args(argv)
+    if args.csv is None:
+        args.csv = os.path.join(HERE, "results", "latency-daganpp.csv" if args.model == "daganpp" else "latency.csv")
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -109,6 +121,8 @@ def main(argv=None) -> int:
 
     from dagan_fast import Animator, DaGAN
 
+    if args.model == "daganpp":
+        return run_daganpp(args, official, device, dtype, frames_n, warmup)
     kind = "plain" if args.model == "dagan" else "spade"
     print(f"building calibrated random {args.model} weights (seed {args.seed}) ...", flush=True)
     tmp = tempfile.mkdtemp(prefix="dagan_latency_")
@@ -216,6 +230,151 @@ def main(argv=None) -> int:
         "speedup_p50": f"{ratio:.3f}", "max_abs_diff": f"{agree:.2e}",
     }])
     print(f"speed-up (official-style p50 / Animator.stream p50): {ratio:.2f}x")
+    return 0
+
+
+class AttentionTimer:
+    """Wall time spent inside every ``GeometryAttention`` of a model (forward hooks; synchronises on a GPU)."""
+
+    def __init__(self, model, device):
+        from dagan_fast.models import GeometryAttention
+
+        self.device, self.total_ms, self._start = device, 0.0, None
+        self.enabled = False
+        self.handles = []
+        for module in model.modules():
+            if isinstance(module, GeometryAttention):
+                self.handles.append(module.register_forward_pre_hook(self._begin))
+                self.handles.append(module.register_forward_hook(self._end))
+
+    def _sync(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def _begin(self, module, inputs):
+        if self.enabled:
+            self._sync()
+            self._start = time.perf_counter()
+
+    def _end(self, module, inputs, output):
+        if self.enabled:
+            self._sync()
+            self.total_ms += (time.perf_counter() - self._start) * 1e3
+
+    def remove(self):
+        for handle in self.handles:
+            handle.remove()
+
+
+def run_daganpp(args, official, device, dtype, frames_n, warmup) -> int:
+    """``--model daganpp``: plain-PyTorch path of the same model against ``Animator.stream`` (see the docstring)."""
+    import copy
+
+    from tqdm.auto import tqdm
+
+    from dagan_fast import Animator, DaGANpp
+
+    torch.manual_seed(args.seed)
+    model = DaGANpp().eval()
+    with torch.no_grad():
+        model.generator.final.weight.mul_(4.0)          # default init gives a nearly flat grey output
+        model.kp_detector.jacobian.weight.normal_(0.0, 0.01)
+    source, clip = driving_clip(official, warmup + frames_n, args.size)
+    timer = Timer(device)
+
+    # ---------------- plain-PyTorch path: reference ops, materialised attention where it fits
+    plain = copy.deepcopy(model).to(device)
+    limit = args.materialize_limit_gb * 2 ** 30
+    materialised = []
+    for i, layer in enumerate(plain.generator.attention):
+        n = (args.size // 2 ** i) ** 2
+        layer.materialize = n * n * 4 * 2 <= limit        # scores and probabilities, float32
+        materialised.append(layer.materialize)
+    src, dev_clip = source.to(device), [f.to(device) for f in clip]
+    saved_backend = os.environ.get("DAGAN_FAST_BACKEND")
+    os.environ["DAGAN_FAST_BACKEND"] = "reference"
+    plain_ms, plain_last = [], None
+    try:
+        with torch.no_grad():
+            kp_initial = plain.keypoints(dev_clip[0])
+            for i, frame in enumerate(tqdm(dev_clip, desc="plain PyTorch", unit="frame")):
+                out, ms = timer(lambda: plain.animate(src, frame, kp_initial)["prediction"])
+                plain_last = out
+                if i >= warmup:
+                    plain_ms.append(ms)
+    finally:
+        if saved_backend is None:
+            os.environ.pop("DAGAN_FAST_BACKEND", None)
+        else:
+            os.environ["DAGAN_FAST_BACKEND"] = saved_backend
+    plain = None                                         # frees its memory before the fast path
+
+    # ---------------- fast path
+    animator = Animator(model, source, device=device, dtype=dtype, compile=args.compile)
+    stream_ms, outs_fast = [], []
+    it = animator.stream(iter(clip))
+    for i in tqdm(range(len(clip)), desc="Animator.stream", unit="frame"):
+        out, ms = timer(lambda: next(it))
+        outs_fast.append(out)
+        if i >= warmup:
+            stream_ms.append(ms)
+    agree = float((outs_fast[-1].float().cpu() - plain_last[0].float().cpu()).abs().max())
+
+    # ---------------- share of the fast path's frame time in attention (instrumented extra frames)
+    hooks = AttentionTimer(animator.model, device)
+    animator.reset()
+    share_frames = clip[:max(2, min(len(clip), 1 + frames_n // 2))]
+    it = animator.stream(iter(share_frames))
+    next(it)                                                # reference frame, untimed
+    hooks.enabled = True
+    t0 = time.perf_counter()
+    for _ in it:
+        pass
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    share = hooks.total_ms / ((time.perf_counter() - t0) * 1e3)
+    hooks.remove()
+
+    batch_fps = None
+    if args.batch:
+        animator.reset()
+        list(animator.animate_video(clip[:max(args.batch, warmup)], batch_size=args.batch))
+        animator.reset()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        n = sum(1 for _ in animator.animate_video(clip[warmup:warmup + frames_n], batch_size=args.batch))
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        batch_fps = n / (time.perf_counter() - t0)
+
+    p50_plain, p50_fast = statistics.median(plain_ms), statistics.median(stream_ms)
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    print()
+    print(f"daganpp {args.size}x{args.size}, {device_name(device)}, fast path {args.dtype}, {frames_n} timed frames "
+          f"after {warmup} warm-up, load average {load:.2f}; baseline attention materialised per layer "
+          f"(finest first): {materialised}")
+    print(f"{'path':<28} {'p50 ms':>10} {'p95 ms':>10} {'max ms':>10} {'FPS':>8}")
+    for name, ms in (("plain PyTorch (fp32)", plain_ms), (f"Animator.stream ({args.dtype})", stream_ms)):
+        print(f"{name:<28} {statistics.median(ms):10.1f} {percentile(ms, 95):10.1f} {max(ms):10.1f} "
+              f"{1000.0 / statistics.median(ms):8.2f}")
+    if batch_fps is not None:
+        print(f"{'animate_video batch ' + str(args.batch):<28} {'':>10} {'':>10} {'':>10} {batch_fps:8.2f}")
+    print(f"attention share of the Animator.stream frame time: {100 * share:.1f}%")
+    print(f"max |fast - plain| on the last frame: {agree:.2e}")
+    info = versions()
+    append_csv(args.csv, [{
+        "date": info["date"], "commit": info["commit"], "device": device_name(device), "torch": info["torch"],
+        "triton": info["triton"], "model": "daganpp", "size": args.size, "dtype": args.dtype, "frames": frames_n,
+        "warmup": warmup, "load_avg": f"{load:.2f}",
+        "materialised_layers": "".join("1" if m else "0" for m in materialised),
+        "plain_p50_ms": f"{p50_plain:.2f}", "plain_p95_ms": f"{percentile(plain_ms, 95):.2f}",
+        "stream_p50_ms": f"{p50_fast:.2f}", "stream_p95_ms": f"{percentile(stream_ms, 95):.2f}",
+        "stream_fps": f"{1000.0 / p50_fast:.3f}", "attention_share": f"{share:.3f}",
+        "batch": args.batch, "batch_fps": f"{batch_fps:.3f}" if batch_fps else "",
+        "speedup_p50": f"{p50_plain / p50_fast:.3f}", "max_abs_diff": f"{agree:.2e}",
+    }])
+    print(f"speed-up (plain PyTorch p50 / Animator.stream p50): {p50_plain / p50_fast:.2f}x")
     return 0
 
 

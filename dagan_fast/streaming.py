@@ -9,8 +9,9 @@ What happens where:
 
 * ``__init__`` / :meth:`Animator.set_source` run everything that depends on the source only, once: the
   source depth, the source keypoints, the generator's encoder features, the depth-feature encoding and the
-  attention's source-side projections (queries), and the downsampled source of the dense-motion network
-  (``DaGAN.prepare_source``-equivalent; see ``generator.encode_source``).
+  attention's source-side projections (queries; for DaGAN++ the depth-feature keys/values of every layer),
+  and the downsampled source of the dense-motion network (``DaGAN.prepare_source``-equivalent; see
+  ``generator.encode_source``).
 * per driving frame (``stream``): the frame is validated and converted (numpy uint8 RGB, grayscale,
   RGBA or tensors, by ``dagan_fast.video``'s rules; non-square frames are centre-cropped, then resized to
   the model's size), then only driving work runs: depth and keypoints of the frame, optional One-Euro
@@ -87,7 +88,8 @@ _FLOAT_SLACK = 0.1          # as dagan_fast.video: floats this far outside [0, 1
 # --------------------------------------------------------------------------------------------
 def load_model(model, *, depth_encoder=None, depth_decoder=None, map_location="cpu") -> nn.Module:
     """A model object from ``model``: a loaded model (returned as is), a dagan_fast safetensors file
-    (``DaGAN.load``), or the authors' ``.pth.tar`` checkpoint with ``depth_encoder`` (encoder.pth) and
+    (``DaGAN.load``, or ``DaGANpp.load`` for a DaGAN++ file), or the authors' ``.pth.tar`` checkpoint with
+    ``depth_encoder`` (encoder.pth) and
     ``depth_decoder`` (depth.pth) (``DaGAN.from_official``). ``None`` raises ``ValueError`` saying how to
     get a model; a missing file raises ``FileNotFoundError``."""
     if model is None:
@@ -103,6 +105,7 @@ def load_model(model, *, depth_encoder=None, depth_decoder=None, map_location="c
     if os.path.isdir(path):
         raise ValueError(f"Animator: model {path} is a folder; pass the .safetensors file (or the .pth.tar)")
     from .models.dagan import DaGAN
+    from .models.daganpp import DaGANpp, is_daganpp_file
 
     lower = path.lower()
     official = lower.endswith((".pth.tar", ".pth", ".tar", ".pt", ".ckpt"))
@@ -112,6 +115,8 @@ def load_model(model, *, depth_encoder=None, depth_decoder=None, map_location="c
                              "network's files too: pass depth_encoder='encoder.pth' and depth_decoder='depth.pth' "
                              "(or convert once with `dagan-fast convert` and pass the .safetensors file)")
         return DaGAN.from_official(path, depth_encoder, depth_decoder, map_location=map_location)
+    if is_daganpp_file(path):
+        return DaGANpp.load(path, map_location=map_location)
     return DaGAN.load(path, map_location=map_location)
 
 
@@ -193,7 +198,7 @@ class _GraphedFunction:
 class Animator:
     """Animate one source image with driving frames (see the module docstring for the full behaviour).
 
-    ``model``: a loaded model (``dagan_fast.DaGAN``; anything with ``depth``, ``kp_detector``,
+    ``model``: a loaded model (``dagan_fast.DaGAN`` or ``dagan_fast.DaGANpp``; anything with ``depth``, ``kp_detector``,
     ``generator`` (with ``encode_source``) and ``size_multiple``) or a path: a dagan_fast ``.safetensors``
     file, or the authors' ``.pth.tar`` with ``depth_encoder=``/``depth_decoder=`` given. A model object
     is not modified: unless it went through ``optimize_for_inference()`` already, a folded copy is made
@@ -494,7 +499,7 @@ class Animator:
 
         ref: Dict[str, Any] = {"value": kp["value"], "jacobian": kp.get("jacobian"), "scale": None}
         if ref["jacobian"] is not None:
-            ref["inverse"] = inverse_2x2(ref["jacobian"])
+            ref["inverse"] = getattr(self.model, "jacobian_inverse", inverse_2x2)(ref["jacobian"])
         if self.adapt_scale:
             src = self.prepared.kp["value"][0].detach().double().cpu().numpy()
             ini = kp["value"][0].detach().double().cpu().numpy()
