@@ -349,8 +349,12 @@ def save(model, path: PathLike) -> None:
         raise
 
 
-def read_metadata(path: PathLike) -> Dict[str, str]:
-    """The safetensors metadata of a dagan_fast file; CheckpointError if the file is not one."""
+MODEL_CLASSES = ("DaGAN", "DaGANpp")
+
+
+def read_metadata(path: PathLike, model: Optional[str] = None) -> Dict[str, str]:
+    """The safetensors metadata of a dagan_fast file; CheckpointError if the file is not one, or holds
+    another model than ``model`` ("DaGAN", "DaGANpp"; None: either)."""
     from safetensors import safe_open
 
     path = os.fspath(path)
@@ -374,19 +378,25 @@ def read_metadata(path: PathLike) -> Dict[str, str]:
     if version > FORMAT_VERSION:
         raise CheckpointError(f"{path} uses dagan_fast format {version}, newer than this version reads "
                               f"({FORMAT_VERSION}); upgrade dagan_fast")
-    if metadata.get(MODEL_KEY, "DaGAN") != "DaGAN":
-        raise CheckpointError(f"{path} holds a {metadata[MODEL_KEY]!r} model, not DaGAN")
+    stored = metadata.setdefault(MODEL_KEY, "DaGAN")
+    if stored not in MODEL_CLASSES:
+        raise CheckpointError(f"{path} holds a {stored!r} model; this version reads {', '.join(MODEL_CLASSES)}")
+    if model is not None and stored != model:
+        raise CheckpointError(f"{path} holds a {stored!r} model, not {model} (load it with "
+                              f"dagan_fast.{stored}.load or dagan_fast.checkpoints.load)")
     return metadata
 
 
-def load(path: PathLike, map_location="cpu"):
-    """Reads a file written by ``save`` -> ``DaGAN`` in eval mode (strict load, bit-exact weights)."""
+def load(path: PathLike, map_location="cpu", model: Optional[str] = None):
+    """Reads a file written by ``save`` -> the ``DaGAN`` or ``DaGANpp`` it holds, in eval mode (strict load,
+    bit-exact weights). ``model``: require that class ("DaGAN"/"DaGANpp")."""
     from safetensors.torch import load_file
 
     from .models.dagan import DaGAN
+    from .models.daganpp import DaGANpp
 
     path = os.fspath(path)
-    metadata = read_metadata(path)
+    metadata = read_metadata(path, model)
     try:
         config = json.loads(metadata[CONFIG_KEY])
     except (KeyError, json.JSONDecodeError) as exc:
@@ -397,6 +407,6 @@ def load(path: PathLike, map_location="cpu"):
     except Exception as exc:
         raise CheckpointError(f"could not read the tensors of {path}: truncated or corrupt "
                               f"({type(exc).__name__}: {exc})") from exc
-    model = DaGAN(config)
-    load_checked(model, tensors, path, "model")
-    return model.to(device).eval()
+    net = {"DaGAN": DaGAN, "DaGANpp": DaGANpp}[metadata[MODEL_KEY]](config)
+    load_checked(net, tensors, path, "model")
+    return net.to(device).eval()

@@ -104,8 +104,8 @@ def load_model(model, *, depth_encoder=None, depth_decoder=None, map_location="c
         raise FileNotFoundError(f"Animator: model file not found: {path} ({MODEL_REQUIRED_MESSAGE})")
     if os.path.isdir(path):
         raise ValueError(f"Animator: model {path} is a folder; pass the .safetensors file (or the .pth.tar)")
+    from . import checkpoints
     from .models.dagan import DaGAN
-    from .models.daganpp import DaGANpp, is_daganpp_file
 
     lower = path.lower()
     official = lower.endswith((".pth.tar", ".pth", ".tar", ".pt", ".ckpt"))
@@ -115,9 +115,7 @@ def load_model(model, *, depth_encoder=None, depth_decoder=None, map_location="c
                              "network's files too: pass depth_encoder='encoder.pth' and depth_decoder='depth.pth' "
                              "(or convert once with `dagan-fast convert` and pass the .safetensors file)")
         return DaGAN.from_official(path, depth_encoder, depth_decoder, map_location=map_location)
-    if is_daganpp_file(path):
-        return DaGANpp.load(path, map_location=map_location)
-    return DaGAN.load(path, map_location=map_location)
+    return checkpoints.load(path, map_location=map_location)  # DaGAN or DaGAN++, as the file says
 
 
 def _make_smoother(smoothing, fps: Optional[float]):

@@ -13,13 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-# ``training`` is a top-level package beside dagan_fast (not installed with it): importable from the
-# repository root, which plain ``pytest`` (unlike ``python -m pytest``) does not put on sys.path.
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if _ROOT not in sys.path:
-    sys.path.insert(0, _ROOT)
-
-from dagan_fast.models.dagan import DaGAN  # noqa: E402
+from dagan_fast.models.dagan import DaGAN
 from dagan_fast.ops.reference import make_coordinate_grid
 from training import synthetic
 from training.configs import load_config
@@ -436,16 +430,17 @@ def test_cli_runs_tiny(tmp_path, monkeypatch):
 def test_torchrun_two_cpu_ranks(tmp_path):
     import json
     import subprocess
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # where `training` imports from
     cfg = _tiny()
     cfg["data"]["synthetic"] = {"num_clips": 2, "num_frames": 4}
     path = tmp_path / "cfg.json"
     path.write_text(json.dumps(cfg))
     out = tmp_path / "ddp"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": _ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            "-m", "training.train", "--config", str(path), "--steps", "2", "--out", str(out), "--batch-size", "1",
            "--no-progress", "--device", "cpu"]
-    proc = subprocess.run(cmd, cwd=_ROOT, env=env, capture_output=True, text=True, timeout=240)
+    proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert torch.load(out / "checkpoint_state.pt", weights_only=True)["step"] == 2
     with open(out / "log.csv") as f:

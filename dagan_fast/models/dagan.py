@@ -259,9 +259,10 @@ class DaGAN(nn.Module):
 
     @classmethod
     def load(cls, path, map_location="cpu") -> "DaGAN":
-        """Reads a file written by ``dagan_fast.checkpoints.save`` (safetensors + config); eval mode."""
+        """Reads a file written by ``dagan_fast.checkpoints.save`` (safetensors + config) holding this class
+        of model; eval mode."""
         from ..checkpoints import load
-        return load(path, map_location=map_location)
+        return load(path, map_location=map_location, model=cls.__name__)
 
     def save(self, path) -> None:
         """Writes this model as one safetensors file (see ``dagan_fast.checkpoints.save``)."""

@@ -27,9 +27,7 @@ the depth network is trained beforehand and frozen). ``parameter_table`` prints 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple, Union
 
@@ -373,70 +371,10 @@ class DaGANpp(DaGAN):
                         "dagan_fast.DaGAN.from_official, and DaGAN++ files written by DaGANpp.save load with "
                         "DaGANpp.load")
 
-    @classmethod
-    def load(cls, path, map_location="cpu") -> "DaGANpp":
-        """Reads a file written by ``save`` (safetensors, config in the metadata) -> DaGANpp in eval mode,
-        strict (missing, unexpected or mismatched keys raise CheckpointMismatchError)."""
-        from safetensors.torch import load_file
-
-        from ..checkpoints import CONFIG_KEY, CheckpointError, load_checked
-
-        path = os.fspath(path)
-        metadata = read_daganpp_metadata(path)
-        try:
-            config = json.loads(metadata[CONFIG_KEY])
-        except (KeyError, json.JSONDecodeError) as exc:
-            raise CheckpointError(f"{path}: missing or unreadable config in the metadata ({exc})") from None
-        device = str(map_location) if map_location is not None else "cpu"
-        try:
-            tensors = load_file(path, device=device)
-        except Exception as exc:  # safetensors raises several types for damaged files
-            raise CheckpointError(f"could not read the tensors of {path}: truncated or corrupt "
-                                  f"({type(exc).__name__}: {exc})") from exc
-        model = cls(config)
-        load_checked(model, tensors, path, "model")
-        return model.to(device).eval()
-
     def extra_repr(self) -> str:
         c = self.cfg
         return (f"num_kp={c.num_kp}, scales={c.num_down_blocks + 1}, max_kv_tokens={c.max_kv_tokens}, "
                 f"inference_only={self.inference_only}")
-
-
-def read_daganpp_metadata(path) -> Dict[str, str]:
-    """The safetensors metadata of a DaGAN++ file written by ``DaGANpp.save``; CheckpointError otherwise."""
-    from ..checkpoints import FORMAT_KEY, FORMAT_VERSION, MODEL_KEY, CheckpointError
-
-    metadata = _safetensors_metadata(path)
-    if metadata is None or FORMAT_KEY not in metadata:
-        raise CheckpointError(f"{os.fspath(path)} is not a dagan_fast model file (DaGANpp.save writes them)")
-    if metadata.get(MODEL_KEY) != "DaGANpp":
-        raise CheckpointError(f"{os.fspath(path)} holds a {metadata.get(MODEL_KEY, 'DaGAN')!r} model, not DaGANpp "
-                              "(DaGAN files load with dagan_fast.DaGAN.load)")
-    if not metadata[FORMAT_KEY].isdigit() or int(metadata[FORMAT_KEY]) > FORMAT_VERSION:
-        raise CheckpointError(f"{os.fspath(path)}: format {metadata[FORMAT_KEY]!r} is not one this version reads")
-    return metadata
-
-
-def is_daganpp_file(path) -> bool:
-    """True when ``path`` is a safetensors file written by ``DaGANpp.save`` (reads the header only)."""
-    from ..checkpoints import MODEL_KEY
-
-    metadata = _safetensors_metadata(path)
-    return metadata is not None and metadata.get(MODEL_KEY) == "DaGANpp"
-
-
-def _safetensors_metadata(path) -> Optional[Dict[str, str]]:
-    from safetensors import safe_open
-
-    path = os.fspath(path)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"model file not found: {path}")
-    try:
-        with safe_open(path, framework="pt", device="cpu") as f:
-            return f.metadata() or {}
-    except Exception:  # not a safetensors file: the callers say what was expected
-        return None
 
 
 # --------------------------------------------------------------------------------------------

@@ -2,4 +2,12 @@
 from .attention import CrossModalAttention
 from .warp import FusedWarp
 
-__all__ = ["CrossModalAttention", "FusedWarp"]
+__all__ = ["CrossModalAttention", "DenseMotionNetwork", "FusedWarp"]
+
+
+def __getattr__(name):
+    # DenseMotionNetwork lives with the models (they import this package, so it is resolved lazily)
+    if name == "DenseMotionNetwork":
+        from ..models.dense_motion import DenseMotionNetwork
+        return DenseMotionNetwork
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
