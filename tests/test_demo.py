@@ -183,10 +183,10 @@ def test_python_m_dagan_fast_demo(tmp_path):
 
 
 def test_cli_forced_backend_that_cannot_run_is_a_clear_error(tmp_path, capsys, monkeypatch):
-    monkeypatch.setenv("DAGAN_FAST_BACKEND", "triton")  # no Triton kernels for these ops here
+    monkeypatch.setenv("DAGAN_FAST_BACKEND", "cuda")  # the demo's tensors are on the CPU
     code = cli.main(["demo", "--out", str(tmp_path / "o"), "--frames", "1", "--size", "64", "--no-progress"])
     err = capsys.readouterr().err
-    assert code == 2 and "DAGAN_FAST_BACKEND='triton' cannot run" in err and "Traceback" not in err
+    assert code == 2 and "DAGAN_FAST_BACKEND='cuda' cannot run" in err and "Traceback" not in err
     monkeypatch.setenv("DAGAN_FAST_BACKEND", "gpu")
     assert cli.main(["demo", "--out", str(tmp_path / "o")]) == 2
     assert "is not a backend" in capsys.readouterr().err
