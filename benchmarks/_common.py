@@ -36,7 +36,9 @@ def versions() -> Dict[str, str]:
 
 def time_ms(fn: Callable[[], object], device: torch.device, *, warmup: int = 3, repeats: int = 10,
             min_seconds: float = 0.0) -> float:
-    """Median wall time of ``fn`` in milliseconds (CUDA events on a GPU)."""
+    """Wall time of ``fn`` in milliseconds: the median of CUDA-event timings on a GPU; on the CPU the
+    minimum, because other processes on a shared machine only ever add time (preemption comes in
+    scheduler slices of several ms, which would otherwise dominate a median of short calls)."""
     for _ in range(warmup):
         fn()
     samples: List[float] = []
@@ -55,7 +57,7 @@ def time_ms(fn: Callable[[], object], device: torch.device, *, warmup: int = 3, 
         t0 = time.perf_counter()
         fn()
         samples.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(samples)
+    return min(samples)
 
 
 def append_csv(path: str, rows: List[Dict[str, object]]) -> None:

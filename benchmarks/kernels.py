@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+# this checkout's package first (a worktree or an un-installed clone), then the installed one
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import dagan_fast  # noqa: E402
 from dagan_fast.ops import reference  # noqa: E402
 from _common import append_csv, device_name, time_ms, versions  # noqa: E402
@@ -34,20 +36,23 @@ def backends_with(op: str, device: torch.device) -> List[str]:
     return names
 
 
-def timed_passes(forward: Callable[[], torch.Tensor], inputs: List[torch.Tensor], device) -> Dict[str, float]:
-    """ms for forward (no autograd graph), backward alone (on a retained graph), forward+backward."""
+def timed_passes(forward: Callable, inputs: List[torch.Tensor], device) -> Dict[str, float]:
+    """ms for forward (no autograd graph), backward alone (on a retained graph), forward+backward.
+    ``forward`` returns a tensor or a tuple of tensors (each gets a random gradient)."""
     def fwd():
         with torch.no_grad():
             forward()
 
-    out = forward()
-    grad = torch.randn_like(out)
+    outs = forward()
+    outs = list(outs) if isinstance(outs, (tuple, list)) else [outs]
+    grads = [torch.randn_like(o) for o in outs]
 
     def bwd():
-        torch.autograd.backward(out, grad, retain_graph=True)
+        torch.autograd.backward(outs, grads, retain_graph=True)
 
     def both():
-        torch.autograd.backward(forward(), grad)
+        result = forward()
+        torch.autograd.backward(list(result) if isinstance(result, (tuple, list)) else [result], grads)
 
     results = {"forward": time_ms(fwd, device), "backward": time_ms(bwd, device),
                "forward+backward": time_ms(both, device)}
@@ -167,28 +172,6 @@ def official_dense_motion(mask_logits, kp_s, jac_s, kp_d, jac_d):
     return deformation, mask
 
 
-def timed_pair_passes(forward: Callable, inputs: List[torch.Tensor], device) -> Dict[str, float]:
-    """timed_passes for an op with two outputs (deformation, mask): both get a random gradient."""
-    def fwd():
-        with torch.no_grad():
-            forward()
-
-    outs = forward()
-    grads = [torch.randn_like(o) for o in outs]
-
-    def bwd():
-        torch.autograd.backward(outs, grads, retain_graph=True)
-
-    def both():
-        torch.autograd.backward(forward(), grads)
-
-    results = {"forward": time_ms(fwd, device), "backward": time_ms(bwd, device),
-               "forward+backward": time_ms(both, device)}
-    for t in inputs:
-        t.grad = None
-    return results
-
-
 def bench_motion(device, full: bool, meta: dict) -> List[dict]:
     rows: List[dict] = []
     K, C, H, W = 15, 3, 64, 64
@@ -213,9 +196,9 @@ def bench_motion(device, full: bool, meta: dict) -> List[dict]:
                meta)
 
         dense_inputs = [logits, kp_s, jac_s, kp_d, jac_d]
-        results = {"official": timed_pair_passes(lambda: official_dense_motion(*dense_inputs), dense_inputs, device)}
+        results = {"official": timed_passes(lambda: official_dense_motion(*dense_inputs), dense_inputs, device)}
         for name in backends_with("dense_motion", device):
-            results[name] = timed_pair_passes(
+            results[name] = timed_passes(
                 lambda name=name: dagan_fast.ops.dense_motion(*dense_inputs, backend=name), dense_inputs, device)
         # Logits in, mask and deformation out; the backward reads both gradients and writes the logits'.
         fwd_bytes = e * B * H * W * (2 * (K + 1) + 2)
