@@ -276,6 +276,7 @@ OFFICIAL_ROUNDING_CASES = [
     pytest.param("plain", 18, "faces", "absolute", 2, id="plain-r18-faces-absolute"),
     pytest.param("plain", 18, "faces", "relative_adapt", 2, id="plain-r18-faces-relative_adapt"),
     pytest.param("plain", 50, "faces", "relative", 1, id="plain-r50-faces-relative"),
+    pytest.param("plain", 18, "random", "relative", 2, id="plain-r18-random-relative"),
     pytest.param("spade", 18, "faces", "absolute", 1, id="spade-r18-faces-absolute", marks=pytest.mark.slow),
     pytest.param("spade", 50, "faces", "relative", 1, id="spade-r50-faces-relative", marks=pytest.mark.slow),
 ]
@@ -284,7 +285,7 @@ OFFICIAL_ROUNDING_CASES = [
 @pytest.mark.parametrize("kind,layers,images,mode,batch", OFFICIAL_ROUNDING_CASES)
 def test_parity_float32_official_rounding_end_to_end(official_setup, kind, layers, images, mode, batch):
     """With the motion stage in the authors' arithmetic (``use_official_rounding``), the float32 prediction
-    equals the official one within 1e-4 end to end, on real faces."""
+    equals the official one within 1e-4 end to end, on real faces and random images."""
     _, models, model = official_setup(kind, layers)
     src, drv, ini = _inputs(images, batch)
     case = _case_id(kind, layers, images, mode, batch, "fp32-official-rounding")

@@ -331,8 +331,10 @@ class DaGAN(nn.Module):
         return self.kp_detector(torch.cat([image, depth], dim=1))
 
     def _analyze(self, images: Sequence[Tensor]) -> List[Tuple[Tensor, KP]]:
-        """(depth, kp) of each image batch; batches of one size run as one batch (one pass per network)."""
-        if len(images) > 1 and all(im.shape[1:] == images[0].shape[1:] for im in images):
+        """(depth, kp) of each image batch; batches of one size run as one batch (one pass per network),
+        except under official rounding (a convolution's rounding can depend on the batch size)."""
+        same_size = all(im.shape[1:] == images[0].shape[1:] for im in images)
+        if len(images) > 1 and same_size and not self.official_rounding:
             sizes = [im.shape[0] for im in images]
             stacked = torch.cat(list(images), dim=0)
             depth = self.depth(stacked)
