@@ -36,6 +36,9 @@ def backends_with(op: str, device: torch.device) -> List[str]:
     return names
 
 
+REPEATS: Optional[int] = None  # timed calls per pass (--repeats; default 10 on a GPU, 3 on the CPU)
+
+
 def timed_passes(forward: Callable, inputs: List[torch.Tensor], device) -> Dict[str, float]:
     """ms for forward (no autograd graph), backward alone (on a retained graph), forward+backward.
     ``forward`` returns a tensor or a tuple of tensors (each gets a random gradient)."""
@@ -54,8 +57,10 @@ def timed_passes(forward: Callable, inputs: List[torch.Tensor], device) -> Dict[
         result = forward()
         torch.autograd.backward(list(result) if isinstance(result, (tuple, list)) else [result], grads)
 
-    results = {"forward": time_ms(fwd, device), "backward": time_ms(bwd, device),
-               "forward+backward": time_ms(both, device)}
+    # on the CPU: the best of at least 3 calls and 1 s of calls (short calls get many tries to run unpreempted)
+    warmup, repeats, seconds = (3, REPEATS or 10, 0.0) if device.type == "cuda" else (1, REPEATS or 3, 1.0)
+    results = {name: time_ms(fn, device, warmup=warmup, repeats=repeats, min_seconds=seconds)
+               for name, fn in (("forward", fwd), ("backward", bwd), ("forward+backward", both))}
     for t in inputs:
         t.grad = None
     return results
@@ -215,8 +220,11 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("which", nargs="?", default="all", choices=[*BENCHES, "all"])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
     parser.add_argument("--full", action="store_true", help="also the large shapes on the CPU")
+    parser.add_argument("--repeats", type=int, default=None, help="timed calls per pass (default: 10 GPU, 3 CPU)")
     parser.add_argument("--csv", default=None, help="CSV to append to (default benchmarks/results/kernels-<dev>.csv)")
     args = parser.parse_args(argv)
+    global REPEATS
+    REPEATS = args.repeats
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: torch.cuda.is_available() is False")
