@@ -2,12 +2,16 @@
 //
 // The per-keypoint affine (A_k, b_k) is computed once, the separable Gaussians exp(-(x-c)^2/(2v)) are
 // tabulated once per keypoint and axis (H + W exponentials instead of H W), and the (K+1)(C+1)
-// interleaved output is written directly, row by row. Reductions (source gradient, keypoint
+// interleaved output is written directly, row by row. The bilinear taps of a row of pixels are computed
+// in one vectorised pass and read a zero-bordered channels-last copy of the source (one vector load per
+// tap, no bounds tests); the backward reuses them for the gather (coordinate gradient) and the scatter
+// (source gradient, into a private padded buffer per task). Reductions (source gradient, keypoint
 // gradients) go through per-tile partial buffers summed in tile order afterwards; the tiling depends
 // only on the shapes, never on the thread count, so results are bitwise reproducible.
 #include "motion.h"
 
 #include <algorithm>
+#include <cstring>
 #include <limits>
 #include <type_traits>
 #include <vector>
@@ -128,6 +132,113 @@ RowTiling row_tiling(int64_t batch, int64_t height) {
 }
 
 // ---------------------------------------------------------------------- sparse_motion_inputs
+// Four lanes of the accumulation type (GCC/Clang vector extension): the channels of one source pixel,
+// so a bilinear tap is one load (gather) or one read-add-write (scatter) for C <= 4 instead of C.
+template <typename acc_t>
+struct Lanes {
+  typedef acc_t type __attribute__((vector_size(4 * sizeof(acc_t))));
+};
+template <typename acc_t>
+using lanes_t = typename Lanes<acc_t>::type;
+constexpr int64_t kLanes = 4;
+
+// Channels-last image with a zero border: clamp_source_coord keeps every tap coordinate in
+// [-2, size + 2], so with 2 cells before and 3 after each axis every tap lies inside the buffer and
+// an out-of-image tap reads zero (gather) or lands in the discarded border (scatter) without a test.
+// The border holds zeros, not data, so an inf in the source is still read only by valid taps.
+struct PaddedLayout {
+  int64_t height, width, groups;  // padded H + 5, W + 5; lane groups per pixel ceil(C / 4)
+  int64_t cells() const { return height * width * groups; }
+  // Vector index of the tap (x, y) in image coordinates, x, y >= -2.
+  int64_t at(int64_t x, int64_t y) const { return ((y + 2) * width + (x + 2)) * groups; }
+};
+
+// Tap geometry of one row of sample points z = (zx[x], z_y) under T: top-left tap (x0, y0) and the
+// bilinear fractions, with the expressions of warp::bilinear_taps, in a branch-free loop over x that
+// vectorises (restrict parameters: GCC ignores restrict on local pointers and gives up on the alias
+// checks).
+template <typename acc_t>
+void row_taps(const Affine<acc_t>& t, const acc_t* __restrict__ zx, acc_t z_y, int64_t H, int64_t W,
+              int32_t* __restrict__ x0, int32_t* __restrict__ y0, acc_t* __restrict__ fx, acc_t* __restrict__ fy,
+              acc_t* __restrict__ ex, acc_t* __restrict__ ey /* (x0 + 1) - ix, (y0 + 1) - iy */) {
+  // apply_affine's (a0 x + a1 y) + b0 with the y product hoisted out of the row: same rounding.
+  const acc_t ty = t.a[1] * z_y, tyy = t.a[3] * z_y;
+  const acc_t a00 = t.a[0], a10 = t.a[2], b0 = t.b[0], b1 = t.b[1];
+  const acc_t lo = acc_t(-2), hi_x = static_cast<acc_t>(W + 1), hi_y = static_cast<acc_t>(H + 1);
+  for (int64_t x = 0; x < W; ++x) {
+    const acc_t mx = (a00 * zx[x] + ty) + b0;
+    const acc_t my = (a10 * zx[x] + tyy) + b1;
+    acc_t ix = warp::unnormalize(mx, W), iy = warp::unnormalize(my, H);
+    // warp::clamp_source_coord written as max/min selects (NaN goes to lo) so the loop vectorises.
+    ix = ix > lo ? ix : lo;
+    ix = ix < hi_x ? ix : hi_x;
+    iy = iy > lo ? iy : lo;
+    iy = iy < hi_y ? iy : hi_y;
+    // floor of a clamped (small) value through int32, which vectorises where int64 does not.
+    int32_t xi = static_cast<int32_t>(ix), yi = static_cast<int32_t>(iy);
+    xi -= static_cast<acc_t>(xi) > ix;
+    yi -= static_cast<acc_t>(yi) > iy;
+    const acc_t xf = static_cast<acc_t>(xi), yf = static_cast<acc_t>(yi);
+    x0[x] = xi;
+    y0[x] = yi;
+    fx[x] = ix - xf;
+    fy[x] = iy - yf;
+    ex[x] = (xf + acc_t(1)) - ix;
+    ey[x] = (yf + acc_t(1)) - iy;
+  }
+}
+
+// Per-row tap buffers of a task.
+template <typename acc_t>
+struct RowTaps {
+  std::vector<int32_t> x0, y0;
+  std::vector<acc_t> fx, fy, ex, ey;
+  explicit RowTaps(int64_t W) : x0(W), y0(W), fx(W), fy(W), ex(W), ey(W) {}
+  void compute(const Affine<acc_t>& t, const acc_t* zx, acc_t z_y, int64_t H, int64_t W) {
+    row_taps(t, zx, z_y, H, W, x0.data(), y0.data(), fx.data(), fy.data(), ex.data(), ey.data());
+  }
+};
+
+// n <= 4 consecutive values into the first lanes, zeros after (a row's tail). Out-parameter, not a
+// return value: a returned 32-byte double vector would trip GCC's AVX-ABI note without -mavx.
+template <typename V, typename T>
+inline void load_lanes(V& v, const T* p, int64_t n) {
+  if (n == kLanes) {
+    std::memcpy(&v, p, sizeof(V));
+  } else {
+    v = V{};
+    for (int64_t i = 0; i < n; ++i) v[i] = p[i];
+  }
+}
+
+// Lanes summed in a fixed order (deterministic).
+template <typename V>
+inline auto lane_sum(const V& v) -> std::remove_reference_t<decltype(v[0])> {
+  return ((v[0] + v[1]) + v[2]) + v[3];
+}
+
+// Padded channels-last copy of every source image (B x PaddedLayout), in the accumulation type.
+template <typename scalar_t, typename V>
+std::vector<V> padded_source(const MotionGeometry& g, const scalar_t* src, const PaddedLayout& pad) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t B = g.batch, C = g.channels, H = g.height, W = g.width;
+  std::vector<V> out(B * pad.cells(), V{});
+  // Grain: about 32K elements per chunk, so a small batch copies inline without waking threads.
+  at::parallel_for(0, B * C, std::max<int64_t>(1, 32768 / (H * W)), [&](int64_t begin, int64_t end) {
+    for (int64_t bc = begin; bc < end; ++bc) {
+      const int64_t b = bc / C, c = bc % C;
+      const scalar_t* plane = src + b * g.in_stride[0] + c * g.in_stride[1];
+      V* dst = out.data() + b * pad.cells() + c / kLanes;
+      for (int64_t y = 0; y < H; ++y) {
+        for (int64_t x = 0; x < W; ++x) {
+          dst[pad.at(x, y)][c % kLanes] = static_cast<acc_t>(plane[y * g.in_stride[2] + x * g.in_stride[3]]);
+        }
+      }
+    }
+  });
+  return out;
+}
+
 template <typename scalar_t>
 void sparse_forward_kernel(const MotionGeometry& g, double variance, const scalar_t* src, const scalar_t* kps,
                            const scalar_t* jacs, const scalar_t* kpd, const scalar_t* jacd,
@@ -140,11 +251,18 @@ void sparse_forward_kernel(const MotionGeometry& g, double variance, const scala
   const auto gauss = gaussian_tables(params, zx, zy, static_cast<acc_t>(variance));
   const Affine<acc_t> identity{{acc_t(1), acc_t(0), acc_t(0), acc_t(1)}, {acc_t(0), acc_t(0)}};
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, (K + 1) * W * (C + 2)));
+  using V = lanes_t<acc_t>;
+  const int64_t G = std::max<int64_t>(1, (C + kLanes - 1) / kLanes);  // lane groups per pixel
+  const PaddedLayout pad{H + 5, W + 5, G};
+  const int64_t down = pad.width * G;  // vector distance from a tap to the one below it
+  // Channels-last, zero-bordered source: a tap is one vector load and needs no bounds test.
+  const auto src_pad = padded_source<scalar_t, V>(g, src, pad);
   at::parallel_for(0, B * H, grain, [&](int64_t begin, int64_t end) {
+    RowTaps<acc_t> taps(W);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / H, y = task % H;
       const acc_t z_y = zy[y];
-      const scalar_t* src_b = src + b * g.in_stride[0];
+      const V* sp = src_pad.data() + b * pad.cells();
       for (int64_t k = 0; k <= K; ++k) {
         scalar_t* heat = out + (b * (K + 1) + k) * (C + 1) * HW + y * W;
         if (k == 0) {
@@ -154,23 +272,17 @@ void sparse_forward_kernel(const MotionGeometry& g, double variance, const scala
           const acc_t gyd = t[2 * W + y], gys = t[2 * W + H + y];
           for (int64_t x = 0; x < W; ++x) heat[x] = static_cast<scalar_t>(t[x] * gyd - t[W + x] * gys);
         }
-        const Affine<acc_t>& a = k == 0 ? identity : affine[b * K + k - 1];
+        taps.compute(k == 0 ? identity : affine[b * K + k - 1], zx.data(), z_y, H, W);
         for (int64_t x = 0; x < W; ++x) {
-          acc_t mx, my;
-          if (k == 0) {
-            mx = zx[x];
-            my = z_y;
-          } else {
-            motion::apply_affine(a, zx[x], z_y, mx, my);
-          }
-          const auto taps = warp::bilinear_taps<acc_t>(mx, my, H, W, g.in_stride[2], g.in_stride[3]);
-          for (int64_t c = 0; c < C; ++c) {
-            const scalar_t* plane = src_b + c * g.in_stride[1];
-            acc_t v = 0;
-            for (int i = 0; i < 4; ++i) {
-              if (taps.valid[i]) v += taps.weight[i] * static_cast<acc_t>(plane[taps.offset[i]]);
+          const acc_t fx = taps.fx[x], fy = taps.fy[x], ex = taps.ex[x], ey = taps.ey[x];
+          const acc_t w_nw = ex * ey, w_ne = fx * ey, w_sw = ex * fy, w_se = fx * fy;
+          const V* s = sp + pad.at(taps.x0[x], taps.y0[x]);
+          for (int64_t j = 0; j < G; ++j) {
+            // The tap order of the scalar sum over valid taps; an out-of-image tap adds an exact 0.
+            const V v = ((w_nw * s[j] + w_ne * s[G + j]) + w_sw * s[down + j]) + w_se * s[down + G + j];
+            for (int64_t c = j * kLanes; c < std::min(C, (j + 1) * kLanes); ++c) {
+              heat[(1 + c) * HW + x] = static_cast<scalar_t>(v[c - j * kLanes]);
             }
-            heat[(1 + c) * HW + x] = static_cast<scalar_t>(v);
           }
         }
       }
@@ -178,13 +290,17 @@ void sparse_forward_kernel(const MotionGeometry& g, double variance, const scala
   });
 }
 
-// Backward. Task (b, tile) owns partial slot `tile` of the source gradient of image b and its own
-// keypoint sums; both are reduced in tile order afterwards.
+// Backward. Task (b, tile of rows) computes every keypoint's taps of its rows once and uses them for
+// both the coordinate gradient (gather from a padded channels-last copy of the source) and the source
+// gradient (scatter into the task's private padded buffer). The buffers of an image's tiles and the
+// tasks' keypoint sums are reduced in tile order afterwards; the tiling depends only on the shapes,
+// so the result does not depend on the thread count.
 template <typename scalar_t>
 void sparse_backward_kernel(const MotionGeometry& g, double variance, const scalar_t* grad, const scalar_t* src,
                             const scalar_t* kps, const scalar_t* jacs, const scalar_t* kpd, const scalar_t* jacd,
                             at::Tensor& grad_source, std::array<scalar_t*, 4> kp_out /* kps, jacs, kpd, jacd */) {
   using acc_t = at::opmath_type<scalar_t>;
+  using V = lanes_t<acc_t>;
   const int64_t B = g.batch, K = g.keypoints, C = g.channels, H = g.height, W = g.width, HW = H * W;
   const bool want_source = grad_source.defined();
   const bool want_kp = kp_out[0] || kp_out[1] || kp_out[2] || kp_out[3];
@@ -198,100 +314,156 @@ void sparse_backward_kernel(const MotionGeometry& g, double variance, const scal
   const acc_t sx = warp::grid_coord_scale<acc_t>(W), sy = warp::grid_coord_scale<acc_t>(H);
   const RowTiling tiling = row_tiling(B, H);
   const int64_t T = tiling.tiles;
+  // Lane groups per pixel; at least one, so C = 0 still has valid (all-zero) buffers to point into.
+  const int64_t G = std::max<int64_t>(1, (C + kLanes - 1) / kLanes);
+  const PaddedLayout pad{H + 5, W + 5, G};
+  const int64_t down = pad.width * G;  // vector distance from a tap to the one below it
 
-  // Source-gradient accumulation: straight into grad_source when one tile covers an image and the
-  // type needs no widening, else (B,T,C,H,W) partials in the accumulation type.
-  const bool direct = T == 1 && std::is_same_v<acc_t, scalar_t>;
+  // Padded source for the coordinate gradient (the source gradient alone needs no source values).
+  std::vector<V> src_pad;
+  if (want_kp) src_pad = padded_source<scalar_t, V>(g, src, pad);
+  // Tile partials of the source gradient (B,T,C,H,W), only when an image has several tiles; a single
+  // tile writes grad_source directly.
   at::Tensor partial;
-  acc_t* acc = nullptr;
-  if (want_source) {
-    if (direct) {
-      grad_source.zero_();
-      acc = reinterpret_cast<acc_t*>(grad_source.mutable_data_ptr<scalar_t>());
-    } else {
-      partial = at::zeros({B, T, C, H, W}, grad_source.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
-      acc = partial.mutable_data_ptr<acc_t>();
-    }
+  acc_t* partial_data = nullptr;
+  if (want_source && T > 1) {
+    partial = at::empty({B, T, C, H, W}, grad_source.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
+    partial_data = partial.mutable_data_ptr<acc_t>();
   }
+  scalar_t* gs_out = want_source ? grad_source.mutable_data_ptr<scalar_t>() : nullptr;
   // Keypoint sums in double whatever the dtype: a 64x64 sum in float would cost ~1e-6 relative.
   std::vector<double> sums(want_kp ? B * T * K * motion::kSparseSums : 0, 0.0);
 
   at::parallel_for(0, B * T, 1, [&](int64_t begin, int64_t end) {
+    std::vector<V> acc(want_source ? pad.cells() : 0);
+    std::vector<V> gv(W * G, V{});  // channel gradients of one (keypoint, row), lanes past C stay 0
+    std::vector<acc_t> gh(W);  // heat gradient of one (keypoint, row)
+    RowTaps<acc_t> taps(W);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / T, tile = task % T;
       const int64_t y0 = tile * tiling.rows, y1 = std::min(H, y0 + tiling.rows);
-      const scalar_t* src_b = src + b * g.in_stride[0];
       const scalar_t* grad_b = grad + b * g.grad_stride[0];
-      acc_t* task_acc = acc ? acc + task * C * HW : nullptr;
+      const V* sp = want_kp ? src_pad.data() + b * pad.cells() : nullptr;
       double* task_sums = want_kp ? sums.data() + task * K * motion::kSparseSums : nullptr;
-      for (int64_t y = y0; y < y1; ++y) {
-        const acc_t z_y = zy[y];
-        for (int64_t k = 0; k <= K; ++k) {
-          if (k == 0 && !want_source) continue;  // T_0 has no parameters
-          const Affine<acc_t>& a = k == 0 ? identity : affine[b * K + k - 1];
+      std::fill(acc.begin(), acc.end(), V{});
+      // Keypoint-major: each gradient plane is then read as one stream over the tile's rows.
+      for (int64_t k = 0; k <= K; ++k) {
+        if (k == 0 && !want_source) continue;  // T_0 has no parameters
+        const bool kp_row = k > 0 && want_kp;
+        for (int64_t y = y0; y < y1; ++y) {
+          const acc_t z_y = zy[y];
+          taps.compute(k == 0 ? identity : affine[b * K + k - 1], zx.data(), z_y, H, W);
           const scalar_t* gk = grad_b + k * (C + 1) * g.grad_stride[1] + y * g.grad_stride[2];
-          double* s = (k > 0 && want_kp) ? task_sums + (k - 1) * motion::kSparseSums : nullptr;
-          const acc_t* gt = s ? gauss.of(b * K + k - 1) : nullptr;
-          const KeypointParams<acc_t>* p = k > 0 ? &params[b * K + k - 1] : nullptr;
-          // Row sums in the accumulation type, added to the task's double sums once per row.
-          acc_t row[motion::kSparseSums] = {};
+          for (int64_t c = 0; c < C; ++c) {
+            const scalar_t* gc = gk + (1 + c) * g.grad_stride[1];
+            V* dst = gv.data() + c / kLanes;
+            for (int64_t x = 0; x < W; ++x) dst[x * G][c % kLanes] = static_cast<acc_t>(gc[x * g.grad_stride[3]]);
+          }
+          // Coordinate-gradient sums of the row, per channel lane: sum_x g_ix zx, sum_x g_ix, same for iy.
+          V s_gx_z{}, s_gx{}, s_gy_z{}, s_gy{};
           for (int64_t x = 0; x < W; ++x) {
-            acc_t mx, my;
-            if (k == 0) {
-              mx = zx[x];
-              my = z_y;
-            } else {
-              motion::apply_affine(a, zx[x], z_y, mx, my);
+            const acc_t fx = taps.fx[x], fy = taps.fy[x], ex = taps.ex[x], ey = taps.ey[x];
+            const int64_t nw = pad.at(taps.x0[x], taps.y0[x]);
+            const V* gx = gv.data() + x * G;
+            if (kp_row) {
+              // d(sample)/d(ix, iy), as warp::accumulate_coord_grad, for all channels at once.
+              const acc_t north = acc_t(1) - fy, west = acc_t(1) - fx;
+              const V* s = sp + nw;
+              V dx{}, dy{};
+              for (int64_t j = 0; j < G; ++j) {
+                const V v_nw = s[j], v_ne = s[G + j], v_sw = s[down + j], v_se = s[down + G + j];
+                dx += ((v_ne - v_nw) * north + (v_se - v_sw) * fy) * gx[j];
+                dy += ((v_sw - v_nw) * west + (v_se - v_ne) * fx) * gx[j];
+              }
+              s_gx_z += dx * zx[x];
+              s_gx += dx;
+              s_gy_z += dy * zx[x];
+              s_gy += dy;
             }
-            const auto taps = warp::bilinear_taps<acc_t>(mx, my, H, W, g.in_stride[2], g.in_stride[3]);
-            const bool any_valid = taps.valid[0] || taps.valid[1] || taps.valid[2] || taps.valid[3];
-            acc_t gix = 0, giy = 0;
-            if (any_valid) {
-              // Tap offsets in the contiguous accumulation plane (only valid taps are used).
-              const int64_t acc_base = motion::tap_offset_in(taps, 0, W, 1);
-              const int64_t acc_off[4] = {acc_base, acc_base + 1, acc_base + W, acc_base + W + 1};
-              for (int64_t c = 0; c < C; ++c) {
-                const acc_t gv = static_cast<acc_t>(gk[(1 + c) * g.grad_stride[1] + x * g.grad_stride[3]]);
-                if (s) {
-                  const scalar_t* plane = src_b + c * g.in_stride[1];
-                  acc_t v[4];
-                  for (int i = 0; i < 4; ++i) v[i] = taps.valid[i] ? static_cast<acc_t>(plane[taps.offset[i]]) : acc_t(0);
-                  warp::accumulate_coord_grad(taps, v[0], v[1], v[2], v[3], gv, gix, giy);
-                }
-                if (task_acc) {
-                  acc_t* plane = task_acc + c * HW;
-                  for (int i = 0; i < 4; ++i) {
-                    if (taps.valid[i]) plane[acc_off[i]] += taps.weight[i] * gv;
-                  }
-                }
+            if (want_source) {
+              V* a = acc.data() + nw;
+              const acc_t w_nw = ex * ey, w_ne = fx * ey, w_sw = ex * fy, w_se = fx * fy;
+              for (int64_t j = 0; j < G; ++j) {
+                const V gj = gx[j];
+                a[j] += w_nw * gj;
+                a[G + j] += w_ne * gj;
+                a[down + j] += w_sw * gj;
+                a[down + G + j] += w_se * gj;
               }
             }
-            if (s) {
-              motion::accumulate_affine_grad(row, gix * sx, giy * sy, zx[x], z_y);
-              const acc_t gh = static_cast<acc_t>(gk[x * g.grad_stride[3]]);
-              motion::accumulate_heat_grad(row, gh, gt[x] * gt[2 * W + y], gt[W + x] * gt[2 * W + H + y], zx[x], z_y,
-                                           *p);
-            }
           }
-          if (s) {
-            for (int i = 0; i < motion::kSparseSums; ++i) s[i] += static_cast<double>(row[i]);
+          if (kp_row) {
+            const acc_t* gt = gauss.of(b * K + k - 1);
+            const KeypointParams<acc_t>& p = params[b * K + k - 1];
+            const acc_t gyd = gt[2 * W + y], gys = gt[2 * W + H + y];
+            for (int64_t x = 0; x < W; ++x) gh[x] = static_cast<acc_t>(gk[x * g.grad_stride[3]]);
+            // The row's pixel sums of accumulate_affine_grad / accumulate_heat_grad with the factors
+            // constant along the row (z_y, the grid scales, the y Gaussians) pulled out; the heat
+            // terms in four lanes along x.
+            V s_hd_z{}, s_hd{}, s_hs_z{}, s_hs{};
+            for (int64_t x = 0; x < W; x += kLanes) {
+              const int64_t n = std::min<int64_t>(kLanes, W - x);
+              V z, h, td, ts;
+              load_lanes(z, zx.data() + x, n);
+              load_lanes(h, gh.data() + x, n);
+              load_lanes(td, gt + x, n);
+              load_lanes(ts, gt + W + x, n);
+              const V hd = h * td, hs = h * ts;
+              s_hd_z += hd * (z - p.kd[0]);
+              s_hd += hd;
+              s_hs_z += hs * (z - p.ks[0]);
+              s_hs += hs;
+            }
+            const double dsx = sx, dsy = sy, dzy = z_y, dgyd = gyd, dgys = gys;
+            double* s = task_sums + (k - 1) * motion::kSparseSums;
+            s[motion::kSumA00] += dsx * lane_sum(s_gx_z);
+            s[motion::kSumA01] += dsx * lane_sum(s_gx) * dzy;
+            s[motion::kSumA10] += dsy * lane_sum(s_gy_z);
+            s[motion::kSumA11] += dsy * lane_sum(s_gy) * dzy;
+            s[motion::kSumB0] += dsx * lane_sum(s_gx);
+            s[motion::kSumB1] += dsy * lane_sum(s_gy);
+            s[motion::kSumHeatD0] += dgyd * lane_sum(s_hd_z);
+            s[motion::kSumHeatD1] += dgyd * lane_sum(s_hd) * (dzy - p.kd[1]);
+            s[motion::kSumHeatS0] += dgys * lane_sum(s_hs_z);
+            s[motion::kSumHeatS1] += dgys * lane_sum(s_hs) * (dzy - p.ks[1]);
+          }
+        }
+      }
+      if (want_source) {
+        // The task's buffer without its border: straight to grad_source or to its tile slot.
+        for (int64_t c = 0; c < C; ++c) {
+          const V* a = acc.data() + c / kLanes;
+          for (int64_t y = 0; y < H; ++y) {
+            if (T > 1) {
+              acc_t* dst = partial_data + ((task * C + c) * H + y) * W;
+              for (int64_t x = 0; x < W; ++x) dst[x] = a[pad.at(x, y)][c % kLanes];
+            } else {
+              scalar_t* dst = gs_out + ((b * C + c) * H + y) * W;
+              for (int64_t x = 0; x < W; ++x) dst[x] = to_output<scalar_t>(a[pad.at(x, y)][c % kLanes]);
+            }
           }
         }
       }
     }
   });
 
-  if (want_source && !direct) {
-    // Sum the tile partials in tile order, element-parallel.
-    scalar_t* out = grad_source.mutable_data_ptr<scalar_t>();
-    const int64_t plane = C * HW;
-    at::parallel_for(0, B * plane, 16384, [&](int64_t begin, int64_t end) {
+  if (want_source && T > 1) {
+    // Sum the tile partials in tile order, in chunks of one image so that each tile is read as one
+    // sequential stream (an element-by-element walk across the tiles is latency-bound).
+    const int64_t plane = C * HW, chunk = 2048;
+    const int64_t chunks = (plane + chunk - 1) / chunk;
+    at::parallel_for(0, B * chunks, 1, [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> v(chunk);
       for (int64_t i = begin; i < end; ++i) {
-        const int64_t b = i / plane, e = i % plane;
-        const acc_t* base = acc + b * T * plane + e;
-        acc_t v = base[0];
-        for (int64_t t = 1; t < T; ++t) v += base[t * plane];
-        out[i] = to_output<scalar_t>(v);
+        const int64_t b = i / chunks, e0 = (i % chunks) * chunk, n = std::min(chunk, plane - e0);
+        const acc_t* base = partial_data + b * T * plane + e0;
+        std::copy(base, base + n, v.begin());
+        for (int64_t t = 1; t < T; ++t) {
+          const acc_t* tile = base + t * plane;
+          for (int64_t e = 0; e < n; ++e) v[e] += tile[e];
+        }
+        scalar_t* out = gs_out + b * plane + e0;
+        for (int64_t e = 0; e < n; ++e) out[e] = to_output<scalar_t>(v[e]);
       }
     });
   }
