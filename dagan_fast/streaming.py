@@ -88,10 +88,9 @@ _FLOAT_SLACK = 0.1          # as dagan_fast.video: floats this far outside [0, 1
 # --------------------------------------------------------------------------------------------
 def load_model(model, *, depth_encoder=None, depth_decoder=None, map_location="cpu") -> nn.Module:
     """A model object from ``model``: a loaded model (returned as is), a dagan_fast safetensors file
-    (``DaGAN.load``, or ``DaGANpp.load`` for a DaGAN++ file), or the authors' ``.pth.tar`` checkpoint with
-    ``depth_encoder`` (encoder.pth) and
-    ``depth_decoder`` (depth.pth) (``DaGAN.from_official``). ``None`` raises ``ValueError`` saying how to
-    get a model; a missing file raises ``FileNotFoundError``."""
+    (``checkpoints.load``: DaGAN or DaGAN++, as the file says), or the authors' ``.pth.tar`` checkpoint
+    with ``depth_encoder`` (encoder.pth) and ``depth_decoder`` (depth.pth) (``DaGAN.from_official``).
+    ``None`` raises ``ValueError`` saying how to get a model; a missing file raises ``FileNotFoundError``."""
     if model is None:
         raise ValueError(f"Animator: model is missing; {MODEL_REQUIRED_MESSAGE}")
     if isinstance(model, nn.Module):
@@ -196,9 +195,9 @@ class _GraphedFunction:
 class Animator:
     """Animate one source image with driving frames (see the module docstring for the full behaviour).
 
-    ``model``: a loaded model (``dagan_fast.DaGAN`` or ``dagan_fast.DaGANpp``; anything with ``depth``, ``kp_detector``,
-    ``generator`` (with ``encode_source``) and ``size_multiple``) or a path: a dagan_fast ``.safetensors``
-    file, or the authors' ``.pth.tar`` with ``depth_encoder=``/``depth_decoder=`` given. A model object
+    ``model``: a loaded model (``dagan_fast.DaGAN`` or ``dagan_fast.DaGANpp``; anything with ``depth``,
+    ``kp_detector``, ``generator`` (with ``encode_source``) and ``size_multiple``) or a path: a dagan_fast
+    ``.safetensors`` file, or the authors' ``.pth.tar`` with ``depth_encoder=``/``depth_decoder=`` given. A model object
     is not modified: unless it went through ``optimize_for_inference()`` already, a folded copy is made
     (``optimize=False``: use it as is, unfolded; it is still moved to ``device``/``dtype``).
     ``source``: the portrait: (H, W, 3) uint8 RGB numpy (gray/RGBA accepted as ``dagan_fast.video``
