@@ -7,7 +7,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import dagan_fast
 from dagan_fast.ops import warp_occlusion
 from conftest import compiled_backends_for, rel_err
 

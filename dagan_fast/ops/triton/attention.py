@@ -10,7 +10,6 @@ pressure does not grow with Dv. Any N, any strides, float16 / bfloat16 (GPU) / f
 from __future__ import annotations
 
 import functools
-import math
 import os
 from typing import NamedTuple, Optional, Sequence, Tuple
 
