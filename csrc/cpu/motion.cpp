@@ -560,7 +560,7 @@ void dense_backward_kernel(const MotionGeometry& g, const scalar_t* grad_def, co
   const int64_t T = tiling.tiles;
   std::vector<double> sums(want_kp ? B * T * K * motion::kDenseSums : 0, 0.0);
   at::parallel_for(0, B * T, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> m((K + 1) * W), top(W), total(W), wsum(W), gdx(W), gdy(W);
+    std::vector<acc_t> m((K + 1) * W), gm(grad_logits ? (K + 1) * W : 0), top(W), total(W), wsum(W), gdx(W), gdy(W);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / T, tile = task % T;
       const int64_t y0 = tile * tiling.rows, y1 = std::min(H, y0 + tiling.rows);
@@ -594,19 +594,21 @@ void dense_backward_kernel(const MotionGeometry& g, const scalar_t* grad_def, co
         }
         if (grad_logits) {
           // gm_k = grad_mask_k + gd . T_k(z); grad_logit_k = m_k (gm_k - sum_j m_j gm_j). gm_k is
-          // recomputed in the second pass rather than stored: it is cheap.
-          auto gm_at = [&](int64_t k, int64_t x) {
-            acc_t mx = zx[x], my = zy[y];
-            if (k > 0) motion::apply_affine(affine[b * K + k - 1], zx[x], zy[y], mx, my);
-            return static_cast<acc_t>(gmrow[k * g.grad_stride[1] + x * g.grad_stride[3]]) + (gdx[x] * mx + gdy[x] * my);
-          };
+          // computed once per row into a buffer: the second pass then streams contiguous values.
           std::fill(wsum.begin(), wsum.end(), acc_t(0));
           for (int64_t k = 0; k <= K; ++k) {
-            for (int64_t x = 0; x < W; ++x) wsum[x] += m[k * W + x] * gm_at(k, x);
+            acc_t* gmk = gm.data() + k * W;
+            for (int64_t x = 0; x < W; ++x) {
+              acc_t mx = zx[x], my = zy[y];
+              if (k > 0) motion::apply_affine(affine[b * K + k - 1], zx[x], zy[y], mx, my);
+              gmk[x] = static_cast<acc_t>(gmrow[k * g.grad_stride[1] + x * g.grad_stride[3]]) + (gdx[x] * mx + gdy[x] * my);
+              wsum[x] += m[k * W + x] * gmk[x];
+            }
           }
           for (int64_t k = 0; k <= K; ++k) {
             scalar_t* out = grad_logits + (b * (K + 1) + k) * HW + y * W;
-            for (int64_t x = 0; x < W; ++x) out[x] = to_output<scalar_t>(motion::softmax_grad(m[k * W + x], gm_at(k, x), wsum[x]));
+            const acc_t* gmk = gm.data() + k * W;
+            for (int64_t x = 0; x < W; ++x) out[x] = to_output<scalar_t>(motion::softmax_grad(m[k * W + x], gmk[x], wsum[x]));
           }
         }
         if (task_sums) {
