@@ -34,6 +34,12 @@ _DENSE_PARTS = 6
 
 # ------------------------------------------------------------------------------------ jit helpers
 @triton.jit
+def _load_affine(p):
+    """The motion's affine (A row-major, then b) from the first six entries of its parameter row."""
+    return tl.load(p + 0), tl.load(p + 1), tl.load(p + 2), tl.load(p + 3), tl.load(p + 4), tl.load(p + 5)
+
+
+@triton.jit
 def _pixel_coords(pix, W, wden, hden, xs, xo, ys, yo, ct: tl.constexpr):
     """(x, y) of make_coordinate_grid at flat pixel indices: xs * (col / wden) - xo with (xs, xo) =
     (2, 1), or (0, 0) for a size-1 axis (whose single coordinate is 0)."""
@@ -97,12 +103,7 @@ def _sparse_fwd_kernel(
     out_b = out_ptr + b * K1 * (C + 1) * HW
     for k in range(0, K1):
         p = prm_ptr + (b * K1 + k) * 11
-        a00 = tl.load(p + 0)
-        a01 = tl.load(p + 1)
-        a10 = tl.load(p + 2)
-        a11 = tl.load(p + 3)
-        b0 = tl.load(p + 4)
-        b1 = tl.load(p + 5)
+        a00, a01, a10, a11, b0, b1 = _load_affine(p)
         kdx = tl.load(p + 6)
         kdy = tl.load(p + 7)
         ksx = tl.load(p + 8)
@@ -163,12 +164,7 @@ def _sparse_bwd_kernel(
     grad_b = grad_ptr + b * g_sb
     for k in range(0, K1):
         p = prm_ptr + (b * K1 + k) * 11
-        a00 = tl.load(p + 0)
-        a01 = tl.load(p + 1)
-        a10 = tl.load(p + 2)
-        a11 = tl.load(p + 3)
-        b0 = tl.load(p + 4)
-        b1 = tl.load(p + 5)
+        a00, a01, a10, a11, b0, b1 = _load_affine(p)
         tx = tl.fma(a01, y, a00 * x) + b0
         ty = tl.fma(a11, y, a10 * x) + b1
         ix0, iy0, fx, fy, gx, gy, m00, m01, m10, m11 = _bilinear_setup(tx, ty, W, H, valid)
@@ -269,12 +265,7 @@ def _dense_fwd_kernel(
     dy = tl.zeros([BLOCK], dtype=ct)
     for k in range(0, K1):
         p = prm_ptr + (b * K1 + k) * 6
-        a00 = tl.load(p + 0)
-        a01 = tl.load(p + 1)
-        a10 = tl.load(p + 2)
-        a11 = tl.load(p + 3)
-        b0 = tl.load(p + 4)
-        b1 = tl.load(p + 5)
+        a00, a01, a10, a11, b0, b1 = _load_affine(p)
         lk = tl.load(lg_b + k * l_sk + l_off, mask=valid, other=0.0).to(ct)
         mk = tl.exp(lk - mx) / s
         tl.store(mask_ptr + (b * K1 + k) * HW + pix, mk.to(ot), mask=valid)
@@ -330,12 +321,7 @@ def _dense_bwd_kernel(
     dot = tl.zeros([BLOCK], dtype=ct)
     for k in range(0, K1):
         p = prm_ptr + (b * K1 + k) * 6
-        a00 = tl.load(p + 0)
-        a01 = tl.load(p + 1)
-        a10 = tl.load(p + 2)
-        a11 = tl.load(p + 3)
-        b0 = tl.load(p + 4)
-        b1 = tl.load(p + 5)
+        a00, a01, a10, a11, b0, b1 = _load_affine(p)
         lk = tl.load(lg_b + k * l_sk + l_off, mask=valid, other=0.0).to(ct)
         mk = tl.exp(lk - mx) / s
         if NEED_LOGITS:
@@ -356,12 +342,7 @@ def _dense_bwd_kernel(
     if NEED_LOGITS:
         for k in range(0, K1):
             p = prm_ptr + (b * K1 + k) * 6
-            a00 = tl.load(p + 0)
-            a01 = tl.load(p + 1)
-            a10 = tl.load(p + 2)
-            a11 = tl.load(p + 3)
-            b0 = tl.load(p + 4)
-            b1 = tl.load(p + 5)
+            a00, a01, a10, a11, b0, b1 = _load_affine(p)
             lk = tl.load(lg_b + k * l_sk + l_off, mask=valid, other=0.0).to(ct)
             mk = tl.exp(lk - mx) / s
             gmk = tl.load(gm_b + k * m_sk + m_off, mask=valid, other=0.0).to(ct)

@@ -64,6 +64,14 @@ def _pixel_taps(grid_ptr, b64, y, x, pmask, Hi, Wi, sgb, sgh, sgw, sgk, ACC: tl.
 
 
 @triton.jit
+def _tap_weights(fx, fy, east, south, v00, v01, v10, v11):
+    """Bilinear weights of the four taps; invalid taps get weight zero and are not loaded (masked), so
+    they contribute exact zeros."""
+    return (tl.where(v00, east * south, 0.0), tl.where(v01, fx * south, 0.0),
+            tl.where(v10, east * fy, 0.0), tl.where(v11, fx * fy, 0.0))
+
+
+@triton.jit
 def _tap_offsets(x0, y0, v00, v01, v10, v11, sh, sw):
     """Element offsets of the four taps in a plane with strides (sh, sw); invalid taps point at 0 so
     that no address outside the tensor is ever formed."""
@@ -97,11 +105,7 @@ def _warp_fwd_kernel(
     x = p - y * Wo
     x0, y0, fx, fy, east, south, v00, v01, v10, v11 = _pixel_taps(
         grid_ptr, b64, y, x, pmask, Hi, Wi, sgb, sgh, sgw, sgk, ACC)
-    # Invalid taps get weight zero and are not loaded (masked), so they contribute exact zeros.
-    w00 = tl.where(v00, east * south, 0.0)
-    w01 = tl.where(v01, fx * south, 0.0)
-    w10 = tl.where(v10, east * fy, 0.0)
-    w11 = tl.where(v11, fx * fy, 0.0)
+    w00, w01, w10, w11 = _tap_weights(fx, fy, east, south, v00, v01, v10, v11)
     o00, o01, o10, o11 = _tap_offsets(x0, y0, v00, v01, v10, v11, sxh, sxw)
     if HAS_OCC:
         occ = tl.load(occ_ptr + b64 * sob + y.to(tl.int64) * soh + x.to(tl.int64) * sow,
@@ -154,10 +158,7 @@ def _warp_bwd_kernel(
     x = p - y * Wo
     x0, y0, fx, fy, east, south, v00, v01, v10, v11 = _pixel_taps(
         grid_ptr, b64, y, x, pmask, Hi, Wi, sgb, sgh, sgw, sgk, ACC)
-    w00 = tl.where(v00, east * south, 0.0)
-    w01 = tl.where(v01, fx * south, 0.0)
-    w10 = tl.where(v10, east * fy, 0.0)
-    w11 = tl.where(v11, fx * fy, 0.0)
+    w00, w01, w10, w11 = _tap_weights(fx, fy, east, south, v00, v01, v10, v11)
     if HAS_OCC:
         occ = tl.load(occ_ptr + b64 * sob + y.to(tl.int64) * soh + x.to(tl.int64) * sow,
                       mask=pmask, other=0.0).to(ACC)
