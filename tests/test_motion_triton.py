@@ -4,7 +4,6 @@ outside the image, singular driving Jacobians, None Jacobians, strided inputs an
 Without a GPU they run through the Triton interpreter (conftest sets TRITON_INTERPRET=1)."""
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch
@@ -12,6 +11,7 @@ import torch
 from dagan_fast import _backends
 from dagan_fast.ops import dense_motion, reference, sparse_motion_inputs
 from conftest import gpu, rel_err
+from test_motion_ops import make_inputs
 
 SPARSE = "sparse_motion_inputs"
 DENSE = "dense_motion"
@@ -26,26 +26,9 @@ def _triton_kernels(op, device="cpu"):
     return backend.kernels[op]
 
 
-def _jacobians(B, K, g, dtype):
-    """Well-conditioned (B,K,2,2) rotation-scale-rotation matrices with determinants of both signs."""
-    t = torch.rand(B, K, 2, generator=g, dtype=torch.float64) * 2 * math.pi
-    c, s = torch.cos(t), torch.sin(t)
-    rot = torch.stack([torch.stack([c, -s], -1), torch.stack([s, c], -1)], -2)      # (B,K,2,2,2)
-    scale = 0.5 + torch.rand(B, K, 2, generator=g, dtype=torch.float64)
-    scale[..., 1] *= torch.where(torch.rand(B, K, generator=g, dtype=torch.float64) < 0.3, -1.0, 1.0)
-    return (rot[..., 0] @ torch.diag_embed(scale) @ rot[..., 1]).to(dtype)
-
-
-def _inputs(B, K, C, H, W, dtype=torch.float32, seed=0, spread=1.0, jacobians=True):
-    """source (B,C,H,W), kp_s, jac_s, kp_d, jac_d, mask_logits (B,K+1,H,W): random, never zeros."""
-    g = torch.Generator().manual_seed(seed)
-    source = torch.randn(B, C, H, W, generator=g, dtype=torch.float64).to(dtype)
-    kp_s = ((torch.rand(B, K, 2, generator=g, dtype=torch.float64) * 2 - 1) * spread).to(dtype)
-    kp_d = ((torch.rand(B, K, 2, generator=g, dtype=torch.float64) * 2 - 1) * spread).to(dtype)
-    jac_s = _jacobians(B, K, g, dtype) if jacobians else None
-    jac_d = _jacobians(B, K, g, dtype) if jacobians else None
-    logits = (2 * torch.randn(B, K + 1, H, W, generator=g, dtype=torch.float64)).to(dtype)
-    return source, kp_s, jac_s, kp_d, jac_d, logits
+def _inputs(*shape, dtype=torch.float32, **kwargs):
+    """tests/test_motion_ops.py's random inputs (never zeros), float32 by default."""
+    return make_inputs(*shape, dtype=dtype, **kwargs)
 
 
 def _upstream(shape, dtype, seed):
