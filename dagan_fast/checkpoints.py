@@ -349,7 +349,7 @@ def save(model, path: PathLike) -> None:
         raise
 
 
-MODEL_CLASSES = ("DaGAN", "DaGANpp")
+MODEL_CLASSES = ("DaGAN", "DaGANpp", "FaceDepthNetwork")
 
 
 def read_metadata(path: PathLike, model: Optional[str] = None) -> Dict[str, str]:
@@ -388,12 +388,13 @@ def read_metadata(path: PathLike, model: Optional[str] = None) -> Dict[str, str]
 
 
 def load(path: PathLike, map_location="cpu", model: Optional[str] = None):
-    """Reads a file written by ``save`` -> the ``DaGAN`` or ``DaGANpp`` it holds, in eval mode (strict load,
-    bit-exact weights). ``model``: require that class ("DaGAN"/"DaGANpp")."""
+    """Reads a file written by ``save`` -> the ``DaGAN``, ``DaGANpp`` or ``FaceDepthNetwork`` it holds, in
+    eval mode (strict load, bit-exact weights). ``model``: require that class by name."""
     from safetensors.torch import load_file
 
     from .models.dagan import DaGAN
     from .models.daganpp import DaGANpp
+    from .models.depth import FaceDepthNetwork
 
     path = os.fspath(path)
     metadata = read_metadata(path, model)
@@ -407,6 +408,17 @@ def load(path: PathLike, map_location="cpu", model: Optional[str] = None):
     except Exception as exc:
         raise CheckpointError(f"could not read the tensors of {path}: truncated or corrupt "
                               f"({type(exc).__name__}: {exc})") from exc
-    net = {"DaGAN": DaGAN, "DaGANpp": DaGANpp}[metadata[MODEL_KEY]](config)
+    classes = {"DaGAN": DaGAN, "DaGANpp": DaGANpp, "FaceDepthNetwork": FaceDepthNetwork}
+    net = classes[metadata[MODEL_KEY]](config)
     load_checked(net, tensors, path, "model")
     return net.to(device).eval()
+
+
+def load_depth_networks(model, path: PathLike) -> None:
+    """Copies the depth network (``depth_encoder`` + ``depth_decoder``) of the dagan_fast file ``path`` (a
+    FaceDepthNetwork from ``training.train_depth``, or a DaGAN / DaGAN++ model) into ``model``'s, in place.
+    CheckpointMismatchError when the two depth networks differ in shape (e.g. another ResNet depth or width)."""
+    path = os.fspath(path)
+    source = load(path)
+    for part in ("depth_encoder", "depth_decoder"):
+        load_checked(getattr(model, part), getattr(source, part).state_dict(), path, part)

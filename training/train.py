@@ -38,7 +38,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from dagan_fast.checkpoints import save as save_model
+from dagan_fast.checkpoints import load_depth_networks, save as save_model
 from dagan_fast.models.dagan import DaGAN
 
 from .configs import load_config
@@ -192,8 +192,8 @@ class Trainer:
 
     ``config``: a loaded config (``training.configs.load_config``); ``clips``: a clip source
     (``training.data``); ``out``: the run directory; ``vgg``: VGG19 weights file or None;
-    ``depth``: a dagan_fast model file whose depth networks to use (None: random init, acceptable for the
-    tiny config until depth training exists). ``seed`` fixes the initial weights and all draws.
+    ``depth``: a depth network file from ``training.train_depth`` (or a dagan_fast model file) whose depth
+    networks to use (None: random init, only sensible for tests). ``seed`` fixes the initial weights and all draws.
     """
 
     def __init__(self, config: Dict[str, Any], clips, out: str, *, vgg: Optional[str] = None,
@@ -207,9 +207,7 @@ class Trainer:
         torch.manual_seed(seed)
         model = DaGAN(config["model"])
         if depth is not None:
-            other = DaGAN.load(depth)
-            model.depth_encoder.load_state_dict(other.depth_encoder.state_dict())
-            model.depth_decoder.load_state_dict(other.depth_decoder.state_dict())
+            load_depth_networks(model, depth)
         self.model = model.to(self.device)
         self.model.train()
         for net in (self.model.depth_encoder, self.model.depth_decoder):
@@ -384,7 +382,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--out", default="runs/train", help="run directory (checkpoints, log.csv)")
     p.add_argument("--batch-size", type=int, default=None, help="per-rank batch size (default: the config's)")
     p.add_argument("--vgg", default=None, help="torchvision VGG19 state_dict file for the perceptual loss")
-    p.add_argument("--depth", default=None, help="dagan_fast model file whose (pretrained) depth network to use")
+    p.add_argument("--depth", default=None, help="depth network to use, frozen: the depth.safetensors of "
+                   "`python -m training.train_depth`, or any dagan_fast model file")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint in --out")

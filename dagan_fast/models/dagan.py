@@ -37,6 +37,7 @@ GENERATOR_KINDS = ("plain", "spade")
 DEFAULT_CONFIG: Dict[str, Any] = {
     "generator": "plain",            # "plain" = DepthAwareGenerator, "spade" = SPADEDepthAwareGenerator
     "depth_layers": 18,              # ResNet depth of the monodepth2 encoder
+    "depth_width": 64,               # its stem width (64 as released; smaller for tiny CPU models)
     "num_kp": 15,
     "num_channels": 3,
     "estimate_jacobian": True,
@@ -197,8 +198,8 @@ class DaGAN(nn.Module):
         super().__init__()
         cfg = make_config(config, **overrides)
         self.config = cfg
-        self.depth_encoder = ResnetEncoder(cfg["depth_layers"])
-        self.depth_decoder = DepthDecoder(self.depth_encoder.num_ch_enc)
+        self.depth_encoder = ResnetEncoder(cfg["depth_layers"], cfg["depth_width"])
+        self.depth_decoder = DepthDecoder(self.depth_encoder.num_ch_enc, width=cfg["depth_width"])
         kp = cfg["kp_detector"]
         self.kp_detector = KPDetector(num_kp=cfg["num_kp"], num_channels=cfg["num_channels"] + 1,
                                       estimate_jacobian=cfg["estimate_jacobian"],

@@ -76,6 +76,7 @@ class DaGANppConfig:
     num_kp: int = 15
     num_channels: int = 3
     depth_layers: int = 18
+    depth_width: int = 64
     estimate_jacobian: bool = True
     estimate_occlusion_map: bool = True
     kp_detector: Dict[str, Any] = field(default_factory=_kp_defaults)
@@ -344,8 +345,8 @@ class DaGANpp(DaGAN):
         cfg = make_daganpp_config(config, **overrides)
         self.cfg = cfg
         self.config = dataclasses.asdict(cfg)
-        self.depth_encoder = ResnetEncoder(cfg.depth_layers)
-        self.depth_decoder = DepthDecoder(self.depth_encoder.num_ch_enc)
+        self.depth_encoder = ResnetEncoder(cfg.depth_layers, cfg.depth_width)
+        self.depth_decoder = DepthDecoder(self.depth_encoder.num_ch_enc, width=cfg.depth_width)
         kp = cfg.kp_detector
         self.kp_detector = KPDetector(num_kp=cfg.num_kp, num_channels=cfg.num_channels + 1,
                                       estimate_jacobian=cfg.estimate_jacobian, **kp)

@@ -24,6 +24,11 @@ RESNET_LAYOUTS = {
 }
 
 
+def _check_width(width: int) -> None:
+    if not isinstance(width, int) or isinstance(width, bool) or width < 4 or width % 4:
+        raise ValueError(f"depth network width must be a multiple of 4 and >= 4, got {width!r}")
+
+
 def _conv_bn_fold(owner: nn.Module, conv_name: str, bn_name: str) -> None:
     bn = getattr(owner, bn_name)
     if isinstance(bn, nn.BatchNorm2d):
@@ -95,23 +100,26 @@ class _Downsample(nn.Sequential):
 
 
 class ResNetTrunk(nn.Module):
-    """ResNet without its classifier: ``conv1``, ``bn1``, ``relu``, ``maxpool``, ``layer1..4``."""
+    """ResNet without its classifier: ``conv1``, ``bn1``, ``relu``, ``maxpool``, ``layer1..4``.
+    ``width``: channels of the stem (64 in torchvision's ResNets; the stages have 1x, 2x, 4x, 8x it).
+    ``in_channels``: 3 for an image, 6 for the pose network's two stacked frames."""
 
-    def __init__(self, num_layers: int = 18):
+    def __init__(self, num_layers: int = 18, width: int = 64, in_channels: int = 3):
         super().__init__()
         if num_layers not in RESNET_LAYOUTS:
             raise ValueError(f"ResNet depth must be one of {sorted(RESNET_LAYOUTS)}, got {num_layers!r}")
+        _check_width(width)
         kind, counts = RESNET_LAYOUTS[num_layers]
         block = BasicBlock if kind == "basic" else Bottleneck
-        self.inplanes = 64
-        self.conv1 = nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=False)
-        self.bn1 = nn.BatchNorm2d(64)
+        self.inplanes = width
+        self.conv1 = nn.Conv2d(in_channels, width, 7, stride=2, padding=3, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
-        self.layer1 = self._make_layer(block, 64, counts[0], 1)
-        self.layer2 = self._make_layer(block, 128, counts[1], 2)
-        self.layer3 = self._make_layer(block, 256, counts[2], 2)
-        self.layer4 = self._make_layer(block, 512, counts[3], 2)
+        self.layer1 = self._make_layer(block, width, counts[0], 1)
+        self.layer2 = self._make_layer(block, 2 * width, counts[1], 2)
+        self.layer3 = self._make_layer(block, 4 * width, counts[2], 2)
+        self.layer4 = self._make_layer(block, 8 * width, counts[3], 2)
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
@@ -132,15 +140,17 @@ class ResNetTrunk(nn.Module):
 
 class ResnetEncoder(nn.Module):
     """monodepth2 ResnetEncoder: image (B,3,H,W) in [0,1] -> 5 feature maps at 1/2, 1/4, 1/8, 1/16, 1/32
-    with ``num_ch_enc`` channels ([64,64,128,256,512] for ResNet-18, [64,256,512,1024,2048] for 50).
-    H and W must be divisible by 32 for the decoder's skips to line up."""
+    with ``num_ch_enc`` channels ([64,64,128,256,512] for ResNet-18, [64,256,512,1024,2048] for 50, at the
+    default ``width`` 64; a smaller width scales them all). H and W must be divisible by 32 for the decoder's
+    skips to line up."""
 
-    def __init__(self, num_layers: int = 18):
+    def __init__(self, num_layers: int = 18, width: int = 64):
         super().__init__()
         self.num_layers = num_layers
-        self.encoder = ResNetTrunk(num_layers)
+        self.width = width
+        self.encoder = ResNetTrunk(num_layers, width)
         expansion = 4 if RESNET_LAYOUTS[num_layers][0] == "bottleneck" else 1
-        self.num_ch_enc = [64, 64 * expansion, 128 * expansion, 256 * expansion, 512 * expansion]
+        self.num_ch_enc = [width] + [m * width * expansion for m in (1, 2, 4, 8)]
 
     def forward(self, image: Tensor) -> List[Tensor]:
         e = self.encoder
@@ -179,12 +189,13 @@ class DepthDecoder(nn.Module):
     """monodepth2 DepthDecoder. ``decoder`` holds, in order, upconv (i,0), (i,1) for i = 4..0 then
     dispconv 0..3. features (5 maps from ResnetEncoder) -> {("disp", s): (B,1,H/2^s,W/2^s) in (0,1)}
     for s in ``scales`` (default: the instance's ``scales``, all four as in monodepth2; DaGAN needs 0).
+    ``width``: the encoder's width; the decoder's channels (16, 32, 64, 128, 256 at 64) scale with it.
     """
 
-    num_ch_dec = (16, 32, 64, 128, 256)
-
-    def __init__(self, num_ch_enc: Sequence[int], scales: Iterable[int] = range(4)):
+    def __init__(self, num_ch_enc: Sequence[int], scales: Iterable[int] = range(4), width: int = 64):
         super().__init__()
+        _check_width(width)
+        self.num_ch_dec = tuple(c * width // 64 for c in (16, 32, 64, 128, 256))
         self.num_ch_enc = list(num_ch_enc)
         self.scales = tuple(scales)
         blocks = []
@@ -217,3 +228,30 @@ class DepthDecoder(nn.Module):
             if i in scales:
                 outputs[("disp", i)] = torch.sigmoid(self.decoder[self._dispconv[i]](x))
         return outputs
+
+
+class FaceDepthNetwork(nn.Module):
+    """The face depth network alone (``depth_encoder`` + ``depth_decoder``, the attribute names DaGAN and
+    DaGAN++ use), as ``python -m training.train_depth`` trains and saves it. ``config``:
+    {"depth_layers": 18, "depth_width": 64}. forward(image (B,3,H,W) in [0,1]) -> depth (B,1,H,W), the
+    scale-0 disparity as DaGAN uses it. Saved and loaded by ``dagan_fast.checkpoints`` like the models."""
+
+    def __init__(self, config: Optional[Dict[str, int]] = None, **overrides):
+        super().__init__()
+        cfg = {"depth_layers": 18, "depth_width": 64}
+        for source in (config or {}, overrides):
+            unknown = set(source) - set(cfg)
+            if unknown:
+                raise ValueError(f"FaceDepthNetwork config: unknown keys {sorted(unknown)} (known: depth_layers, "
+                                 "depth_width)")
+            cfg.update(source)
+        self.config = cfg
+        self.depth_encoder = ResnetEncoder(cfg["depth_layers"], cfg["depth_width"])
+        self.depth_decoder = DepthDecoder(self.depth_encoder.num_ch_enc, width=cfg["depth_width"])
+
+    def forward(self, image: Tensor, scales: Iterable[int] = (0,)) -> Tensor:
+        return self.depth_decoder(self.depth_encoder(image), scales=scales)[("disp", min(scales))]
+
+    def disparities(self, image: Tensor, scales: Iterable[int] = range(4)) -> Dict[Tuple[str, int], Tensor]:
+        """{("disp", s): (B,1,H/2^s,W/2^s)} for every s in ``scales`` (multi-scale training)."""
+        return self.depth_decoder(self.depth_encoder(image), scales=scales)
