@@ -26,6 +26,7 @@ FORMAT_VERSION = 1
 MODEL_KEY = "dagan_fast.model"
 CONFIG_KEY = "dagan_fast.config"
 VERSION_KEY = "dagan_fast.version"
+IMAGE_SIZE_KEY = "dagan_fast.image_size"   # the side the model was trained at (optional)
 
 DEPTH_ENCODER_EXTRAS = ("height", "width", "use_stereo", "encoder.fc.weight", "encoder.fc.bias")
 LIST_LIMIT = 10
@@ -318,7 +319,8 @@ def _discriminator_config(sd: Dict[str, object]) -> dict:
 # --------------------------------------------------------------------------------------------
 def save(model, path: PathLike) -> None:
     """Writes ``model`` (a DaGAN, not folded) as one safetensors file: its state_dict, with the config
-    (JSON), the format version and the dagan_fast version in the metadata. Written atomically."""
+    (JSON), the format version, the dagan_fast version and, when the model has an ``image_size`` attribute
+    (the side it was trained at), that size in the metadata. Written atomically."""
     from . import __version__
 
     path = os.fspath(path)
@@ -337,6 +339,9 @@ def save(model, path: PathLike) -> None:
         tensors[key] = t
     metadata = {FORMAT_KEY: str(FORMAT_VERSION), MODEL_KEY: type(model).__name__,
                 CONFIG_KEY: json.dumps(model.config, sort_keys=True), VERSION_KEY: __version__}
+    image_size = getattr(model, "image_size", None)
+    if image_size is not None:
+        metadata[IMAGE_SIZE_KEY] = str(int(image_size))
     directory = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=directory)
     os.close(fd)
@@ -389,7 +394,8 @@ def read_metadata(path: PathLike, model: Optional[str] = None) -> Dict[str, str]
 
 def load(path: PathLike, map_location="cpu", model: Optional[str] = None):
     """Reads a file written by ``save`` -> the ``DaGAN``, ``DaGANpp`` or ``FaceDepthNetwork`` it holds, in
-    eval mode (strict load, bit-exact weights). ``model``: require that class by name."""
+    eval mode (strict load, bit-exact weights), with ``image_size`` set when the file records the size the
+    model was trained at. ``model``: require that class by name."""
     from safetensors.torch import load_file
 
     from .models.dagan import DaGAN
@@ -411,6 +417,11 @@ def load(path: PathLike, map_location="cpu", model: Optional[str] = None):
     classes = {"DaGAN": DaGAN, "DaGANpp": DaGANpp, "FaceDepthNetwork": FaceDepthNetwork}
     net = classes[metadata[MODEL_KEY]](config)
     load_checked(net, tensors, path, "model")
+    if IMAGE_SIZE_KEY in metadata:
+        try:
+            net.image_size = int(metadata[IMAGE_SIZE_KEY])
+        except ValueError:
+            raise CheckpointError(f"{path}: bad image size {metadata[IMAGE_SIZE_KEY]!r} in the metadata") from None
     return net.to(device).eval()
 
 

@@ -382,6 +382,16 @@ def test_tiny_losses_finite_decreasing_and_gradients_everywhere(tmp_path):
     assert perceptual[-1] < perceptual[0] and np.mean(perceptual[-2:]) < np.mean(perceptual[:2]), perceptual
 
 
+def test_reconstruction_l1_hand_value(tmp_path):
+    trainer = _trainer(_tiny(), tmp_path)
+    batch = torch.utils.data.default_collate([trainer.dataset[(0, 1)], trainer.dataset[(1, 2)]])
+    weight = trainer.config["train"]["loss_weights"]["reconstruction_l1"]
+    assert weight > 0
+    losses, out = trainer.gen_full(batch["source"], batch["driving"], torch.Generator().manual_seed(0))
+    by_hand = weight * (out["prediction"] - batch["driving"]).abs().sum() / out["prediction"].numel()
+    torch.testing.assert_close(losses["reconstruction_l1"], by_hand)
+
+
 def test_tiny_checkpoint_resume_bit_exact(tmp_path):
     run_a = tmp_path / "a"
     a = _trainer(_tiny(), run_a)

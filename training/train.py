@@ -1,5 +1,6 @@
-"""Keypoint detector + generator training of DaGAN with the depth network frozen (paper eq. 10):
-``python -m training.train --config tiny --steps 500 --out runs/tiny``.
+"""Keypoint detector + generator training of DaGAN or DaGAN++ with the depth network frozen (DaGAN
+paper eq. 10, DaGAN++ paper eq. 14): ``python -m training.train --config tiny --steps 500 --out runs/tiny``
+(``--config daganpp`` / ``daganpp_tiny`` for DaGAN++).
 
 Per step (the official order): the generator pass (depth of source/driving without gradient,
 keypoints, generator, perceptual + LSGAN + feature matching + equivariance + keypoint-distance
@@ -11,11 +12,17 @@ default synthetic clips of the bundled faces (``training.synthetic``). Batches a
 (frames, augmentation, equivariance transform) depend on (seed, step) alone, so a resumed run
 continues exactly as an uninterrupted one.
 
-Outputs in ``--out``: ``checkpoint.safetensors`` (the whole DaGAN, discriminator included, in
-dagan_fast's format: ``DaGAN.load`` reads it), ``checkpoint_state.pt`` (optimiser and scheduler states
-and the step; plain tensors and numbers, read with ``torch.load(weights_only=True)``), ``log.csv``
-(one row per logged step). A run resumes from ``--out`` when its checkpoint exists (``--fresh`` to
-start over).
+DaGAN++ (config "model_class": "DaGANpp") trains with DaGAN's losses and a DaGAN discriminator (the
+DaGAN++ paper, sections 3.4-3.5, follows DaGAN's training); DaGAN++ has no discriminator of its own, so
+the trainer builds one from the config's top-level "discriminator" section and owns it.
+
+Outputs in ``--out``: ``checkpoint.safetensors`` (the model in dagan_fast's format: for DaGAN the whole
+model, discriminator included, read by ``DaGAN.load``; for DaGAN++ a plain DaGANpp file read by
+``DaGANpp.load`` / ``dagan_fast.checkpoints.load``), ``checkpoint_discriminator.safetensors`` (DaGAN++ only:
+the trainer's discriminator, with its parameters in the metadata), ``checkpoint_state.pt`` (optimiser and
+scheduler states and the step; plain tensors and numbers, read with ``torch.load(weights_only=True)``),
+``log.csv`` (one row per logged step). A run resumes from ``--out`` when its checkpoint exists
+(``--fresh`` to start over).
 
 Several processes: ``torchrun --nproc_per_node=N -m training.train ...`` (gloo on the CPU, NCCL on
 GPUs): the generator and discriminator losses run under DistributedDataParallel (gradients averaged
@@ -26,22 +33,26 @@ progress and writes checkpoints.
 from __future__ import annotations
 
 import argparse
+import copy
 import csv
+import json
 import math
 import os
 import sys
 import tempfile
 import time
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 import torch.nn as nn
 
-from dagan_fast.checkpoints import load_depth_networks, save as save_model
-from dagan_fast.models.dagan import DaGAN
+from dagan_fast.checkpoints import load_checked, load_depth_networks, read_metadata, save as save_model
+from dagan_fast.models.dagan import DEFAULT_DISCRIMINATOR, DaGAN
+from dagan_fast.models.daganpp import DaGANpp
+from dagan_fast.models.discriminator import MultiScaleDiscriminator
 
-from .configs import load_config
+from .configs import available, load_config, validate_config
 from .data import Augment, PairDataset, StepBatchSampler, VideoClips
 from .losses import (ImagePyramid, PerceptualLoss, Transform, VGG19Features, equivariance_losses,
                      feature_matching_loss, keypoint_distance_loss, lsgan_discriminator_loss,
@@ -53,9 +64,11 @@ KP = Dict[str, Tensor]
 
 MODEL_FILE = "checkpoint.safetensors"
 STATE_FILE = "checkpoint_state.pt"
+DISCRIMINATOR_FILE = "checkpoint_discriminator.safetensors"
+DISCRIMINATOR_KEY = "dagan_fast.discriminator"
 LOG_FILE = "log.csv"
-GENERATOR_LOSSES = ("perceptual", "gen_gan", "feature_matching", "equivariance_value", "equivariance_jacobian",
-                    "kp_distance")
+GENERATOR_LOSSES = ("perceptual", "reconstruction_l1", "gen_gan", "feature_matching", "equivariance_value",
+                    "equivariance_jacobian", "kp_distance")
 
 
 def _detach_kp(kp: KP) -> KP:
@@ -68,20 +81,25 @@ def step_generator(seed: int, step: int, rank: int = 0) -> torch.Generator:
 
 
 class GeneratorFullModel(nn.Module):
-    """The generator side of a training step. ``model``: a DaGAN (depth networks frozen by the caller),
-    ``train``: the config's "train" section, ``vgg``: ``VGG19Features``.
+    """The generator side of a training step. ``model``: a DaGAN or DaGANpp (depth networks frozen by the
+    caller), ``train``: the config's "train" section, ``vgg``: ``VGG19Features``, ``discriminator``: the
+    MultiScaleDiscriminator of the GAN and feature-matching losses (default: ``model.discriminator``).
     forward(source (B,3,H,W), driving (B,3,H,W), generator) -> (weighted losses {name: scalar},
     generator output dict with "kp_source", "kp_driving")."""
 
-    def __init__(self, model: DaGAN, train: Dict[str, Any], vgg: VGG19Features):
+    def __init__(self, model: DaGAN, train: Dict[str, Any], vgg: VGG19Features,
+                 discriminator: Optional[MultiScaleDiscriminator] = None):
         super().__init__()
         self.model = model
         self.weights = train["loss_weights"]
         self.transform_params = train["transform_params"]
         self.margin = train.get("kp_distance_margin", 0.2)
         self.perceptual = PerceptualLoss(vgg, train["scales"], self.weights["perceptual"])
-        disc = model.config["discriminator"]
-        self.disc_pyramid = ImagePyramid(disc["scales"]) if disc is not None else None
+        self.discriminator = discriminator if discriminator is not None else model.discriminator
+        if self.weights.get("generator_gan", 0) and self.discriminator is None:
+            raise ValueError("loss_weights.generator_gan > 0 needs a discriminator: model.discriminator in a DaGAN "
+                             "config, the top-level 'discriminator' section in a DaGANpp one")
+        self.disc_pyramid = ImagePyramid(self.discriminator.scales) if self.discriminator is not None else None
 
     def depth(self, image: Tensor) -> Tensor:
         """Frozen depth (B,1,H,W), no gradient."""
@@ -98,13 +116,14 @@ class GeneratorFullModel(nn.Module):
         out["kp_source"], out["kp_driving"] = kp_s, kp_d
         generated = out["prediction"]
         losses: Dict[str, Tensor] = {"perceptual": self.perceptual(generated, driving)}
+        if w.get("reconstruction_l1", 0):
+            # Not in the official losses: a direct pixel term for configs trained without ImageNet VGG weights.
+            losses["reconstruction_l1"] = w["reconstruction_l1"] * (generated - driving).abs().mean()
 
         if w.get("generator_gan", 0):
-            if m.discriminator is None:
-                raise ValueError("loss_weights.generator_gan > 0 needs model.discriminator in the config")
             kp_cond = _detach_kp(kp_d)
-            fake = m.discriminator(self.disc_pyramid(generated), kp=kp_cond)
-            real = m.discriminator(self.disc_pyramid(driving), kp=kp_cond)
+            fake = self.discriminator(self.disc_pyramid(generated), kp=kp_cond)
+            real = self.discriminator(self.disc_pyramid(driving), kp=kp_cond)
             losses["gen_gan"] = lsgan_generator_loss(fake, w["generator_gan"])
             if sum(w.get("feature_matching", [])):
                 losses["feature_matching"] = feature_matching_loss(real, fake, w["feature_matching"])
@@ -166,16 +185,51 @@ def setup_distributed(device: str) -> str:
     return device
 
 
-def _atomic_torch_save(obj, path: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=os.path.dirname(os.path.abspath(path)))
+def _atomic_write(path: str, write: Callable[[str], None]) -> None:
+    """``write(tmp)`` to a temporary file next to ``path``, then renamed over it: a crash mid-write
+    leaves the previous checkpoint intact."""
+    suffix = os.path.splitext(path)[1]
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=os.path.dirname(os.path.abspath(path)))
     os.close(fd)
     try:
-        torch.save(obj, tmp)
+        write(tmp)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def _atomic_torch_save(obj, path: str) -> None:
+    _atomic_write(path, lambda tmp: torch.save(obj, tmp))
+
+
+def discriminator_params(section: Dict[str, Any]) -> Dict[str, Any]:
+    """A DaGANpp config's "discriminator" section over ``DEFAULT_DISCRIMINATOR`` (DaGAN's): the keyword
+    arguments of ``MultiScaleDiscriminator`` besides num_kp / num_channels (taken from the model)."""
+    if not isinstance(section, dict):
+        raise ValueError(f"discriminator: must be a dict of MultiScaleDiscriminator parameters, got "
+                         f"{type(section).__name__}")
+    unknown = sorted(set(section) - set(DEFAULT_DISCRIMINATOR))
+    if unknown:
+        raise ValueError(f"discriminator: unknown keys {unknown} (known: {', '.join(sorted(DEFAULT_DISCRIMINATOR))})")
+    return {**copy.deepcopy(DEFAULT_DISCRIMINATOR), **copy.deepcopy(section)}
+
+
+def build_model(config: Dict[str, Any]) -> Tuple[DaGAN, Optional[MultiScaleDiscriminator]]:
+    """The config's model and the discriminator its GAN losses train: for DaGAN its own
+    ``model.discriminator`` (or None); for DaGANpp a separate ``MultiScaleDiscriminator`` built from the
+    top-level "discriminator" section (None when that is null), conditioned on the model's num_kp."""
+    config = validate_config(copy.deepcopy(config))
+    if config["model_class"] == "DaGANpp":
+        model = DaGANpp(config["model"])
+        section = config["discriminator"]
+        if section is None:
+            return model, None
+        return model, MultiScaleDiscriminator(num_kp=model.cfg.num_kp, num_channels=model.cfg.num_channels,
+                                              **discriminator_params(section))
+    model = DaGAN(config["model"])
+    return model, model.discriminator
 
 
 def build_clips(config: Dict[str, Any], data: Optional[str] = None, seed: int = 0):
@@ -188,7 +242,8 @@ def build_clips(config: Dict[str, Any], data: Optional[str] = None, seed: int = 
 
 
 class Trainer:
-    """Owns the model, the losses, the optimisers and the run directory.
+    """Owns the model (DaGAN or DaGANpp, per the config's "model_class"), its discriminator, the losses,
+    the optimisers and the run directory.
 
     ``config``: a loaded config (``training.configs.load_config``); ``clips``: a clip source
     (``training.data``); ``out``: the run directory; ``vgg``: VGG19 weights file or None;
@@ -198,6 +253,7 @@ class Trainer:
 
     def __init__(self, config: Dict[str, Any], clips, out: str, *, vgg: Optional[str] = None,
                  depth: Optional[str] = None, seed: int = 0, device: str = "cpu", batch_size: Optional[int] = None):
+        config = validate_config(copy.deepcopy(config))
         self.config, self.out, self.seed = config, out, seed
         self.device = torch.device(device)
         self.rank, self.world_size = _dist_info()
@@ -205,21 +261,27 @@ class Trainer:
         train = config["train"]
         self.batch_size = batch_size or train["batch_size"]
         torch.manual_seed(seed)
-        model = DaGAN(config["model"])
+        model, discriminator = build_model(config)
         if depth is not None:
             load_depth_networks(model, depth)
+        model.image_size = int(config["data"]["size"])  # recorded in the model file: the size it runs at
         self.model = model.to(self.device)
+        # DaGAN's discriminator is part of the model (and its file); DaGANpp's is the trainer's alone.
+        self.separate_discriminator = discriminator is not None and discriminator is not model.discriminator
+        self.discriminator = discriminator.to(self.device) if discriminator is not None else None
         self.model.train()
+        if self.discriminator is not None:
+            self.discriminator.train()
         for net in (self.model.depth_encoder, self.model.depth_decoder):
             net.eval()
             net.requires_grad_(False)
-        uses_gan = self.model.discriminator is not None and bool(train["loss_weights"].get("generator_gan", 0))
+        uses_gan = self.discriminator is not None and bool(train["loss_weights"].get("generator_gan", 0))
         if self.world_size > 1 and self.device.type == "cuda":
             # batch statistics over the global batch (SyncBatchNorm runs on GPUs only)
             self.model.kp_detector = nn.SyncBatchNorm.convert_sync_batchnorm(self.model.kp_detector)
             self.model.generator = nn.SyncBatchNorm.convert_sync_batchnorm(self.model.generator)
-        self.gen_full = GeneratorFullModel(self.model, train, VGG19Features(vgg)).to(self.device)
-        self.disc_full = DiscriminatorFullModel(self.model.discriminator, train).to(self.device) if uses_gan else None
+        self.gen_full = GeneratorFullModel(self.model, train, VGG19Features(vgg), self.discriminator).to(self.device)
+        self.disc_full = DiscriminatorFullModel(self.discriminator, train).to(self.device) if uses_gan else None
         if self.world_size > 1:
             from torch.nn.parallel import DistributedDataParallel as DDP
             ids = [self.device.index] if self.device.type == "cuda" else None
@@ -233,7 +295,7 @@ class Trainer:
             "generator": torch.optim.Adam(self.model.generator.parameters(), lr=train["lr_generator"], betas=betas),
         }
         if self.disc_full is not None:
-            self.optimizers["discriminator"] = torch.optim.Adam(self.model.discriminator.parameters(),
+            self.optimizers["discriminator"] = torch.optim.Adam(self.discriminator.parameters(),
                                                                 lr=train["lr_discriminator"], betas=betas)
         self.schedulers = {name: torch.optim.lr_scheduler.MultiStepLR(opt, train.get("lr_milestones", []), gamma=0.1)
                            for name, opt in self.optimizers.items()}
@@ -249,6 +311,8 @@ class Trainer:
         source = batch["source"].to(self.device, non_blocking=True)
         driving = batch["driving"].to(self.device, non_blocking=True)
         self.model.train()
+        if self.discriminator is not None:
+            self.discriminator.train()
         for net in (self.model.depth_encoder, self.model.depth_decoder):
             net.eval()
         for opt in self.optimizers.values():
@@ -272,31 +336,64 @@ class Trainer:
         return values
 
     # ------------------------------------------------------------------ checkpoints
+    def _checkpoint_files(self) -> Tuple[str, ...]:
+        if self.separate_discriminator:
+            return MODEL_FILE, DISCRIMINATOR_FILE, STATE_FILE
+        return MODEL_FILE, STATE_FILE
+
+    def _discriminator_metadata(self) -> str:
+        params = {**discriminator_params(self.config["discriminator"]), "num_kp": self.model.cfg.num_kp,
+                  "num_channels": self.model.cfg.num_channels}
+        return json.dumps(params, sort_keys=True)
+
     def save_checkpoint(self) -> None:
-        """Writes ``checkpoint.safetensors`` and ``checkpoint_state.pt`` in ``out`` (rank 0 only)."""
+        """Writes ``checkpoint.safetensors`` (the model alone: a file ``dagan_fast.checkpoints.load`` reads),
+        ``checkpoint_discriminator.safetensors`` (DaGANpp runs) and, last, ``checkpoint_state.pt`` in ``out``
+        (rank 0 only)."""
         if not self.is_main:
             return
         os.makedirs(self.out, exist_ok=True)
         save_model(self.model, os.path.join(self.out, MODEL_FILE))
+        if self.separate_discriminator:
+            from safetensors.torch import save_file
+
+            tensors = {k: v.detach().to("cpu").contiguous() for k, v in self.discriminator.state_dict().items()}
+            metadata = {DISCRIMINATOR_KEY: self._discriminator_metadata()}
+            _atomic_write(os.path.join(self.out, DISCRIMINATOR_FILE),
+                          lambda tmp: save_file(tensors, tmp, metadata=metadata))
         state = {"step": self.step, "seed": self.seed,
                  "optimizers": {k: v.state_dict() for k, v in self.optimizers.items()},
                  "schedulers": {k: v.state_dict() for k, v in self.schedulers.items()}}
         _atomic_torch_save(state, os.path.join(self.out, STATE_FILE))
 
     def has_checkpoint(self) -> bool:
-        """Whether ``out`` holds both checkpoint files."""
-        return all(os.path.exists(os.path.join(self.out, f)) for f in (MODEL_FILE, STATE_FILE))
+        """Whether ``out`` holds every checkpoint file of this run (model, state, DaGANpp's discriminator)."""
+        return all(os.path.exists(os.path.join(self.out, f)) for f in self._checkpoint_files())
 
     def load_checkpoint(self) -> None:
-        """Restores weights, optimiser and scheduler states and the step from ``out``."""
+        """Restores weights (model and, for DaGANpp, the discriminator), optimiser and scheduler states and
+        the step from ``out``; ValueError when the files hold another model class or discriminator."""
+        from safetensors import safe_open
         from safetensors.torch import load_file
 
         state = torch.load(os.path.join(self.out, STATE_FILE), map_location=self.device, weights_only=True)
         if int(state.get("seed", self.seed)) != self.seed:
             raise ValueError(f"checkpoint in {self.out} was trained with seed {state['seed']}, not {self.seed}: "
                              f"the data order would change; pass --seed {state['seed']}")
-        tensors = load_file(os.path.join(self.out, MODEL_FILE), device=str(self.device))
-        self.model.load_state_dict(tensors, strict=True)
+        model_path = os.path.join(self.out, MODEL_FILE)
+        read_metadata(model_path, type(self.model).__name__)
+        tensors = load_file(model_path, device=str(self.device))
+        load_checked(self.model, tensors, model_path, "model")
+        if self.separate_discriminator:
+            disc_path = os.path.join(self.out, DISCRIMINATOR_FILE)
+            with safe_open(disc_path, framework="pt") as f:
+                stored = (f.metadata() or {}).get(DISCRIMINATOR_KEY)
+            expected = self._discriminator_metadata()
+            if stored is None or json.loads(stored) != json.loads(expected):
+                raise ValueError(f"{disc_path}: discriminator parameters {stored} differ from the config's "
+                                 f"{expected}; resume with the run's own config or pass --fresh")
+            load_checked(self.discriminator, load_file(disc_path, device=str(self.device)), disc_path,
+                         "discriminator")
         for k, opt in self.optimizers.items():
             opt.load_state_dict(state["optimizers"][k])
         for k, sched in self.schedulers.items():
@@ -375,7 +472,7 @@ class Trainer:
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     """The command line (see ``--help``)."""
     p = argparse.ArgumentParser(prog="python -m training.train", description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", default="tiny", help="bundled config name (tiny, dagan) or a JSON file")
+    p.add_argument("--config", default="tiny", help=f"bundled config name ({', '.join(available())}) or a JSON file")
     p.add_argument("--data", default=None, help="folder of face videos (sub-folders of frames or video files); "
                                                 "default: synthetic clips of the bundled faces")
     p.add_argument("--steps", type=int, default=None, help="train until this step (default: the config's)")
