@@ -61,13 +61,26 @@ def time_ms(fn: Callable[[], object], device: torch.device, *, warmup: int = 3, 
 
 
 def append_csv(path: str, rows: List[Dict[str, object]]) -> None:
-    """Appends rows (dicts with the same keys) to ``path``, writing the header for a new file."""
+    """Appends rows (dicts with the same keys) to ``path``, writing the header for a new file. Rows with
+    columns the file lacks rewrite it with the widened header (older rows get those cells empty)."""
     if not rows:
         return
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    new = not os.path.exists(path)
-    with open(path, "a", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0].keys()))
-        if new:
+    fields = list(rows[0].keys())
+    old_rows: List[Dict[str, object]] = []
+    if os.path.exists(path):
+        with open(path, newline="") as handle:
+            reader = csv.DictReader(handle)
+            old_fields = list(reader.fieldnames or [])
+            if set(fields) <= set(old_fields):
+                fields = old_fields
+            else:
+                old_rows = list(reader)
+                fields = old_fields + [f for f in fields if f not in old_fields]
+    rewrite = bool(old_rows) or not os.path.exists(path)
+    with open(path, "w" if rewrite else "a", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=fields, restval="")
+        if rewrite:
             writer.writeheader()
+            writer.writerows(old_rows)
         writer.writerows(rows)

@@ -219,8 +219,6 @@ def test_bad_inputs(model, model_path, clip, tmp_path):
         Animator(model, str(bad), size=SIZE)
     with pytest.raises(FileNotFoundError):
         Animator(model, str(tmp_path / "missing.png"), size=SIZE)
-    with pytest.raises(ValueError, match="dagan-fast convert"):
-        Animator(None, face())
     with pytest.raises(FileNotFoundError, match="missing.safetensors"):
         Animator(str(tmp_path / "missing.safetensors"), face())
     official = tmp_path / "ckpt.pth.tar"
