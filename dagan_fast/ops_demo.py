@@ -1,6 +1,6 @@
-"""The ``dagan-fast demo`` job: the dagan_fast ops driving a real face, with no trained weights.
+"""The ``dagan-fast ops-demo`` job: the dagan_fast ops driving a real face without any network.
 
-No trained DaGAN weights are bundled yet, so this demo does by hand what the networks will do:
+This demo does by hand what the networks do (``dagan-fast demo`` runs the bundled trained model instead):
 
 - the source is the astronaut portrait that ships with scikit-image (``skimage.data.astronaut()``),
   cropped around her face;
@@ -37,7 +37,7 @@ from .ops.reference import make_coordinate_grid
 Tensor = torch.Tensor
 
 STATEMENT = (
-    "No trained DaGAN weights are bundled yet: this demo drives the astronaut portrait with hand-placed "
+    "No network runs here: this demo drives the astronaut portrait with hand-placed "
     "keypoints and a synthetic head motion through the dagan_fast ops (sparse motion, dense motion, fused warp, "
     "cross-modal attention). It shows the kernels' motion transfer, not a trained model's output."
 )
@@ -491,7 +491,7 @@ def backends_used(source: Tensor) -> Dict[str, str]:
     return chosen
 
 
-def run_demo(out_dir: str = "demo_out", frames: int = 24, size: int = 256, progress: bool = True) -> dict:
+def run_demo(out_dir: str = "ops_demo_out", frames: int = 24, size: int = 256, progress: bool = True) -> dict:
     """Animates the astronaut portrait through the dagan_fast ops and writes the results.
 
     No trained model is involved (see ``STATEMENT``): hand-placed keypoints, a synthetic head
@@ -553,7 +553,7 @@ def run_demo(out_dir: str = "demo_out", frames: int = 24, size: int = 256, progr
 
 def _summary_text(result: DemoFrames, info: dict) -> str:
     frames, size, focus = info["frames"], info["size"], info["focus_frame"]
-    lines = ["dagan-fast demo", "", STATEMENT, "",
+    lines = ["dagan-fast ops-demo", "", STATEMENT, "",
              f"Source: skimage.data.astronaut() rows {CROP[0].start}-{CROP[0].stop}, cols {CROP[1].start}-"
              f"{CROP[1].stop}, resized to {size}x{size}.",
              f"Frames: {frames} (one period of the synthetic motion; frame 0 has zero motion); dense motion at "

@@ -43,9 +43,20 @@ def test_animate_writes_video_and_summary(files, capsys):
     assert len(frames) == 5 and frames[0].shape == (SIZE, SIZE, 3)
 
 
+def test_animate_without_checkpoint_runs_the_bundled_model(files, capsys):
+    out = files["tmp"] / "bundled.avi"
+    rc = cli.main(["animate", "--source", files["source"], "--driving", files["driving"], "--out", str(out),
+                   "--no-progress"])
+    assert rc == 0 and capsys.readouterr().out.strip().splitlines()[-1].startswith("5 frames in ")
+    with VideoReader(str(out)) as r:
+        frames = list(r)
+    assert len(frames) == 5 and frames[0].shape == (64, 64, 3)   # the size the bundled model records
+
+
 def test_animate_side_by_side_best_frame_batch(files, capsys):
     out = files["tmp"] / "sbs/"
-    assert _animate(files, out, "--side-by-side", "--find-best-frame", "--batch-size", "2", "--smooth") == 0
+    assert _animate(files, out, "--side-by-side", "--find-best-frame", "--batch-size", "2", "--smooth",
+                    "--fast-conv") == 0
     with VideoReader(str(out)) as r:
         frames = list(r)
     assert len(frames) == 5 and frames[0].shape == (SIZE, 3 * SIZE, 3)
@@ -56,10 +67,10 @@ def test_animate_side_by_side_best_frame_batch(files, capsys):
 
 def test_animate_errors(files, capsys):
     out = files["tmp"] / "x.avi"
-    # no checkpoint: how to get one
-    rc = cli.main(["animate", "--source", files["source"], "--driving", files["driving"], "--out", str(out)])
-    err = capsys.readouterr().err
-    assert rc == 2 and "--checkpoint is required" in err and "dagan-fast convert" in err
+    # official depth files without the official checkpoint
+    rc = cli.main(["animate", "--source", files["source"], "--driving", files["driving"], "--out", str(out),
+                   "--depth-encoder", "encoder.pth", "--depth-decoder", "depth.pth"])
+    assert rc == 2 and "need --checkpoint" in capsys.readouterr().err
     # unreadable driving file
     bad = files["tmp"] / "broken.mp4"
     bad.write_bytes(b"not a video")

@@ -1,4 +1,4 @@
-"""The ``dagan-fast demo`` job: outputs, motion sanity, zero-motion identity, and the CLI."""
+"""The ``dagan-fast ops-demo`` job: outputs, motion sanity, zero-motion identity, and the CLI."""
 from __future__ import annotations
 
 import os
@@ -10,7 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dagan_fast import cli, demo, ops
+from dagan_fast import cli, ops
+from dagan_fast import ops_demo as demo
 from dagan_fast.ops.reference import make_coordinate_grid, materialized_attention
 
 
@@ -139,19 +140,19 @@ def test_run_demo_rejects_bad_arguments(tmp_path):
 def test_cli_unwritable_out_is_a_clear_error(tmp_path, capsys):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a directory")
-    code = cli.main(["demo", "--out", str(blocker / "sub"), "--frames", "1", "--size", "64", "--no-progress"])
+    code = cli.main(["ops-demo", "--out", str(blocker / "sub"), "--frames", "1", "--size", "64", "--no-progress"])
     captured = capsys.readouterr()
     assert code == 2
     assert "error: cannot write to output directory" in captured.err
     assert "Traceback" not in captured.err + captured.out
     assert captured.out == ""  # nothing ran
-    code = cli.main(["demo", "--out", str(blocker), "--no-progress"])
+    code = cli.main(["ops-demo", "--out", str(blocker), "--no-progress"])
     assert code == 2 and "exists and is not a directory" in capsys.readouterr().err
 
 
 def test_cli_usage_errors(capsys):
     assert cli.main([]) == 2
-    for bad in (["demo", "--frames", "0"], ["demo", "--size", "abc"], ["nope"]):
+    for bad in (["ops-demo", "--frames", "0"], ["ops-demo", "--size", "abc"], ["nope"]):
         with pytest.raises(SystemExit) as exc:
             cli.main(bad)
         assert exc.value.code == 2
@@ -162,17 +163,17 @@ def test_cli_usage_errors(capsys):
 
 def test_cli_help_mentions_what_demo_is(capsys):
     with pytest.raises(SystemExit) as exc:
-        cli.main(["demo", "--help"])
+        cli.main(["ops-demo", "--help"])
     assert exc.value.code == 0
     text = capsys.readouterr().out
-    assert "No trained DaGAN weights" in text and "--out" in text and "--frames" in text and "--size" in text
+    assert "No network runs" in text and "--out" in text and "--frames" in text and "--size" in text
 
 
 @pytest.mark.slow
 def test_python_m_dagan_fast_demo(tmp_path):
     out = tmp_path / "cli_out"
     proc = subprocess.run(
-        [sys.executable, "-m", "dagan_fast", "demo", "--out", str(out), "--frames", "2", "--size", "64"],
+        [sys.executable, "-m", "dagan_fast", "ops-demo", "--out", str(out), "--frames", "2", "--size", "64"],
         capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert demo.STATEMENT in proc.stdout
@@ -184,9 +185,9 @@ def test_python_m_dagan_fast_demo(tmp_path):
 
 def test_cli_forced_backend_that_cannot_run_is_a_clear_error(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("DAGAN_FAST_BACKEND", "cuda")  # the demo's tensors are on the CPU
-    code = cli.main(["demo", "--out", str(tmp_path / "o"), "--frames", "1", "--size", "64", "--no-progress"])
+    code = cli.main(["ops-demo", "--out", str(tmp_path / "o"), "--frames", "1", "--size", "64", "--no-progress"])
     err = capsys.readouterr().err
     assert code == 2 and "DAGAN_FAST_BACKEND='cuda' cannot run" in err and "Traceback" not in err
     monkeypatch.setenv("DAGAN_FAST_BACKEND", "gpu")
-    assert cli.main(["demo", "--out", str(tmp_path / "o")]) == 2
+    assert cli.main(["ops-demo", "--out", str(tmp_path / "o")]) == 2
     assert "is not a backend" in capsys.readouterr().err
