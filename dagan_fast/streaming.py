@@ -268,7 +268,8 @@ class Animator:
         if needs_copy and not owned:
             loaded = copy.deepcopy(loaded)
         if optimize and hasattr(loaded, "optimize_for_inference") and not getattr(loaded, "inference_only", False):
-            loaded.optimize_for_inference()
+            # NNPACK reads NCHW; channels_last inputs would cost it a conversion per convolution
+            loaded.optimize_for_inference(**({"channels_last": False} if fast_conv else {}))
         loaded.eval()
         loaded.to(device=self.device, dtype=kp_dtype)
         if dtype in _LOW_PRECISION:
