@@ -18,8 +18,8 @@ pytestmark = pytest.mark.skipif(not fast_convolutions_available(), reason="no NN
 
 
 @pytest.mark.parametrize("cin,cout,kernel,padding,bias,batch,hw", [
-    (5, 7, 3, 1, True, 3, (13, 17)), (64, 32, 3, 1, False, 1, (64, 64)), (8, 3, 7, 3, True, 2, (20, 9)),
-    (6, 4, 1, 0, True, 2, (5, 31)), (3, 9, 3, 0, True, 1, (11, 11))])
+    (5, 7, 3, 1, True, 3, (37, 41)), (64, 32, 3, 1, False, 1, (64, 64)), (8, 3, 7, 3, True, 2, (40, 36)),
+    (6, 4, 1, 0, True, 2, (33, 40)), (3, 9, 3, 0, True, 1, (35, 33))])
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_matches_conv2d(cin, cout, kernel, padding, bias, batch, hw, channels_last):
     torch.manual_seed(0)
@@ -54,6 +54,9 @@ def test_autograd_float64_and_ineligible_convs_fall_back():
     strided = nn.Sequential(nn.Conv2d(3, 3, 3, stride=2), nn.Conv2d(3, 3, 3, groups=3), nn.Conv2d(3, 3, 3, padding=1,
                                                                                                  padding_mode="reflect"))
     assert use_fast_convolutions(strided) == 0
+    small = torch.randn(2, 4, 31, 33)                                         # below MIN_PIXELS: nn.Conv2d
+    with torch.no_grad():
+        torch.testing.assert_close(fast.float()(small), conv.float()(small), rtol=0, atol=0)
 
 
 def test_state_dict_unchanged_and_model_converted():
