@@ -38,6 +38,24 @@ def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return float((a - e).abs().max() / e.abs().max().clamp_min(1e-30))
 
 
+def assert_every_parameter_has_gradient(nets) -> None:
+    """Every parameter of each (name, module) in ``nets`` has a finite, nonzero gradient."""
+    for name, net in nets:
+        for pname, p in net.named_parameters():
+            assert p.grad is not None, f"{name}.{pname} got no gradient"
+            assert torch.isfinite(p.grad).all() and float(p.grad.abs().max()) > 0, f"{name}.{pname}"
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One PyTorch thread for a test module: on the shared 2-core test machine the tiny training models' small
+    convolutions spend most of their time in OpenMP barriers with two threads (measured ~5x slower)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def poison_outputs(monkeypatch):
     """Compiled kernels fill fresh outputs with NaN first (DAGAN_FAST_POISON=1)."""

@@ -27,14 +27,7 @@ TINY = dict(num_kp=10, kp_detector={"block_expansion": 8, "max_features": 64, "n
 SIZE = 64
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny networks' convolutions are too small to share between threads; on this shared 2-core
-    machine two OpenMP threads spin against other processes and run ~10x slower than one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_model(seed: int = 0, **overrides) -> DaGANpp:

@@ -27,13 +27,7 @@ from training.train_depth import DepthFullModel, DepthTrainer, main
 C1, C2 = 0.01 ** 2, 0.03 ** 2
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # The test machine's 2 cores are shared: one thread is faster for these tiny convolutions.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _config(size=64, width=8, lr=1e-4):

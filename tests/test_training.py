@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import assert_every_parameter_has_gradient
 from dagan_fast.models.dagan import DaGAN
 from dagan_fast.ops.reference import make_coordinate_grid
 from training import synthetic
@@ -25,14 +26,7 @@ from training.losses import (Transform, VGG19Features, equivariance_losses,
 from training.synthetic import SyntheticClips
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # The 2-core test machine is shared: with 2 OpenMP threads the small convolutions of the tiny model
-    # spend most of their time in barriers (measured 5x slower than 1 thread under load).
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -370,11 +364,8 @@ def test_tiny_losses_finite_decreasing_and_gradients_everywhere(tmp_path):
             # query/key path (source depth encoder, attention projections) gets its first gradient
             # once gamma has moved
             m = trainer.model
-            for name, net in (("kp_detector", m.kp_detector), ("generator", m.generator),
-                              ("discriminator", m.discriminator)):
-                for pname, p in net.named_parameters():
-                    assert p.grad is not None, f"{name}.{pname} got no gradient"
-                    assert torch.isfinite(p.grad).all() and float(p.grad.abs().max()) > 0, f"{name}.{pname}"
+            assert_every_parameter_has_gradient((("kp_detector", m.kp_detector), ("generator", m.generator),
+                                                 ("discriminator", m.discriminator)))
             assert all(p.grad is None for p in m.depth_encoder.parameters())
     assert set(history[0]) >= {"perceptual", "gen_gan", "feature_matching", "equivariance_value",
                                "equivariance_jacobian", "kp_distance", "disc_gan", "generator_total"}

@@ -17,6 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import assert_every_parameter_has_gradient
 from dagan_fast import checkpoints
 from dagan_fast.checkpoints import CheckpointError
 from dagan_fast.models.dagan import DEFAULT_DISCRIMINATOR
@@ -28,14 +29,7 @@ from training.train import DISCRIMINATOR_FILE, MODEL_FILE, STATE_FILE, Trainer, 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # The shared 2-core test machine: the tiny model's small convolutions run several times slower on
-    # two OpenMP threads competing with other processes than on one.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _tiny(lr=None):
@@ -126,12 +120,8 @@ def test_tiny_losses_finite_decreasing_and_gradients_everywhere(tmp_path):
         history.append(values)
         if step == 0:
             m = trainer.model
-            for name, net in (("kp_detector", m.kp_detector), ("generator", m.generator),
-                              ("discriminator", trainer.discriminator)):
-                for pname, p in net.named_parameters():
-                    assert p.requires_grad, f"{name}.{pname} frozen"
-                    assert p.grad is not None, f"{name}.{pname} got no gradient"
-                    assert torch.isfinite(p.grad).all() and float(p.grad.abs().max()) > 0, f"{name}.{pname}"
+            assert_every_parameter_has_gradient((("kp_detector", m.kp_detector), ("generator", m.generator),
+                                                 ("discriminator", trainer.discriminator)))
             assert all(p.grad is None for net in (m.depth_encoder, m.depth_decoder) for p in net.parameters())
     assert set(history[0]) == {"perceptual", "gen_gan", "feature_matching", "equivariance_value",
                                "equivariance_jacobian", "kp_distance", "disc_gan", "generator_total"}

@@ -251,6 +251,8 @@ class Trainer:
     networks to use (None: random init, only sensible for tests). ``seed`` fixes the initial weights and all draws.
     """
 
+    PROGRESS_DESC = "train"
+
     def __init__(self, config: Dict[str, Any], clips, out: str, *, vgg: Optional[str] = None,
                  depth: Optional[str] = None, seed: int = 0, device: str = "cpu", batch_size: Optional[int] = None):
         config = validate_config(copy.deepcopy(config))
@@ -437,7 +439,7 @@ class Trainer:
         bar = None
         if progress and self.is_main:
             from tqdm import tqdm
-            bar = tqdm(total=num_steps, initial=self.step, desc="train", dynamic_ncols=True)
+            bar = tqdm(total=num_steps, initial=self.step, desc=self.PROGRESS_DESC, dynamic_ncols=True)
         start = time.time()
         for batch in self.loader(num_steps):
             values = self.train_step(batch)
@@ -451,16 +453,24 @@ class Trainer:
                     self.save_checkpoint()
                 if bar is not None:
                     bar.update(1)
-                    bar.set_postfix(G=f"{values['generator_total']:.3f}", P=f"{values['perceptual']:.3f}")
+                    bar.set_postfix(**self._progress_postfix(values))
         if bar is not None:
             bar.close()
         if self.is_main and (not self.has_checkpoint() or self.step % checkpoint_every):
             self.save_checkpoint()
         return history
 
+    def _progress_postfix(self, values: Dict[str, float]) -> Dict[str, str]:
+        """The losses the progress bar shows."""
+        return {"G": f"{values['generator_total']:.3f}", "P": f"{values['perceptual']:.3f}"}
+
+    def _learning_rates(self) -> Dict[str, str]:
+        """The learning-rate columns of log.csv."""
+        return {"lr_generator": f"{self.optimizers['generator'].param_groups[0]['lr']:.6g}"}
+
     def _log(self, path: str, values: Dict[str, float], elapsed: float) -> None:
         row = {"step": self.step, **{k: f"{v:.6g}" for k, v in sorted(values.items())},
-               "lr_generator": f"{self.optimizers['generator'].param_groups[0]['lr']:.6g}", "seconds": f"{elapsed:.1f}"}
+               **self._learning_rates(), "seconds": f"{elapsed:.1f}"}
         exists = os.path.exists(path)
         with open(path, "a", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=list(row.keys()))

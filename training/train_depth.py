@@ -20,13 +20,10 @@ its config in the metadata), ``depth_state.pt`` (optimiser and scheduler states 
 from __future__ import annotations
 
 import argparse
-import csv
 import json
-import math
 import os
 import sys
-import time
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -205,52 +202,14 @@ class DepthTrainer(Trainer):
         self.scheduler.load_state_dict(state["scheduler"])
         self.step = int(state["step"])
 
-    # ------------------------------------------------------------------ the loop
-    def fit(self, num_steps: int, progress: bool = True, checkpoint_every: Optional[int] = None,
-            log_every: Optional[int] = None) -> List[Dict[str, float]]:
-        """Trains until ``step == num_steps``; logs every ``log_every`` steps, checkpoints every
-        ``checkpoint_every`` steps and at the end. Returns every step's values (this call's)."""
-        train = self.config["train"]
-        checkpoint_every = checkpoint_every or train.get("checkpoint_every", 1000)
-        log_every = log_every or train.get("log_every", 10)
-        history: List[Dict[str, float]] = []
-        log_path = self._prepare_log() if self.is_main else None
-        if self.is_main:
-            os.makedirs(self.out, exist_ok=True)
-        bar = None
-        if progress and self.is_main:
-            from tqdm import tqdm
-            bar = tqdm(total=num_steps, initial=self.step, desc="depth", dynamic_ncols=True)
-        start = time.time()
-        for batch in self.loader(num_steps):
-            values = self.train_step(batch)
-            if not all(math.isfinite(v) for v in values.values()):
-                raise FloatingPointError(f"step {self.step}: non-finite loss {values}")
-            history.append(values)
-            if self.is_main:
-                if self.step % log_every == 0 or self.step == num_steps:
-                    self._log(log_path, values, time.time() - start)
-                if self.step % checkpoint_every == 0:
-                    self.save_checkpoint()
-                if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix(L=f"{values['total']:.4f}", P=f"{values['photometric']:.4f}",
-                                    M=f"{values['mask']:.2f}")
-        if bar is not None:
-            bar.close()
-        if self.is_main and (not self.has_checkpoint() or self.step % checkpoint_every):
-            self.save_checkpoint()
-        return history
+    # ------------------------------------------------------------------ the loop (Trainer.fit)
+    PROGRESS_DESC = "depth"
 
-    def _log(self, path: str, values: Dict[str, float], elapsed: float) -> None:
-        row = {"step": self.step, **{k: f"{v:.6g}" for k, v in sorted(values.items())},
-               "lr": f"{self.optimizer.param_groups[0]['lr']:.6g}", "seconds": f"{elapsed:.1f}"}
-        exists = os.path.exists(path)
-        with open(path, "a", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(row.keys()))
-            if not exists:
-                writer.writeheader()
-            writer.writerow(row)
+    def _progress_postfix(self, values: Dict[str, float]) -> Dict[str, str]:
+        return {"L": f"{values['total']:.4f}", "P": f"{values['photometric']:.4f}", "M": f"{values['mask']:.2f}"}
+
+    def _learning_rates(self) -> Dict[str, str]:
+        return {"lr": f"{self.optimizer.param_groups[0]['lr']:.6g}"}
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
