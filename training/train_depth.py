@@ -112,7 +112,7 @@ class DepthFullModel(nn.Module):
 
 class DepthTrainer(Trainer):
     """Owns the depth and pose networks, the optimiser and the run directory; shares ``training.train.Trainer``'s
-    step-seeded data loader and log handling, with its own model, step, checkpoints and loop.
+    step-seeded data loader, training loop (``fit``) and log handling, with its own model, step and checkpoints.
 
     ``config``: a loaded depth config (``depth_tiny``, ``depth_dagan``); ``clips``: a clip source
     (``training.data``); ``out``: the run directory; ``seed`` fixes the initial weights and all draws."""
