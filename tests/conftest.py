@@ -17,7 +17,7 @@ import dagan_fast
 def backends_for(op: str):
     """Backends that implement ``op`` and accept CPU tensors in this process (triton too under
     TRITON_INTERPRET=1); the reference always does."""
-    from dagan_fast import _backends
+    from dagan_fast.ops import _backends
 
     probe = torch.zeros(1)
     return [name for name, info in dagan_fast.ops.available_backends().items()

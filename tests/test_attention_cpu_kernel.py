@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dagan_fast._extension import has_kernel
+from dagan_fast.ops._extension import has_kernel
 from dagan_fast.ops import attention_with_lse, cross_modal_attention, reference
 from conftest import rel_err
 

@@ -102,7 +102,7 @@ def test_gradcheck_float64(backend):
 
 
 def _skip_unsupported(backend, dtype):
-    from dagan_fast import _backends
+    from dagan_fast.ops import _backends
 
     reasons = _backends.get_backend(backend).not_supported_reasons("cross_modal_attention", [torch.zeros(1, dtype=dtype)])
     if reasons:

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import dagan_fast
-from dagan_fast import _backends
-from dagan_fast._extension import extension
+from dagan_fast.ops import _backends
+from dagan_fast.ops._extension import extension
 from dagan_fast.ops import BackendError
 
 ALL_OPS = ("cross_modal_attention", "dense_motion", "sparse_motion_inputs", "warp_occlusion")
@@ -112,3 +112,73 @@ def test_package_imports_without_triton_and_does_not_import_it():
     assert result.returncode == 0, result.stderr
     lazy = _run("import sys, dagan_fast; print('triton' in sys.modules)")
     assert lazy.stdout.strip() == "False"
+
+
+# ------------------------------------------------------------------ per-op capabilities (declared, read by dispatch)
+class _ToyBackend(_backends.Backend):
+    name = "toy"
+
+
+def _toy_attention_backend():
+    toy = _ToyBackend()
+    toy.register("cross_modal_attention", lambda *a: ("toy-forward",), None,
+                 not_supported_reasons=lambda q, k, v: [f"Dv {v.shape[-1]} > 8"] if v.shape[-1] > 8 else [],
+                 backward_via="cpu")
+    return toy
+
+
+def test_op_specific_reasons_reach_dispatch_with_every_operand():
+    toy = _toy_attention_backend()
+    q, k = torch.randn(1, 1, 3, 4), torch.randn(1, 1, 5, 4)
+    assert toy.not_supported_reasons("cross_modal_attention", [q, k, torch.randn(1, 1, 5, 8)]) == []
+    assert toy.not_supported_reasons("cross_modal_attention", [q, k, torch.randn(1, 1, 5, 9)]) == ["Dv 9 > 8"]
+
+
+def test_backward_via_is_an_explicit_reported_choice():
+    toy = _toy_attention_backend()
+    q = torch.randn(1, 1, 3, 4)
+    name, backward = toy.backward_kernel("cross_modal_attention", [q])
+    cpu_ok = not _backends.get_backend("cpu").not_supported_reasons("cross_modal_attention", [q])
+    assert name == ("cpu" if cpu_ok else "reference")
+    assert backward is _backends.get_backend(name).kernels["cross_modal_attention"].backward
+    name, _ = toy.backward_kernel("cross_modal_attention", [q.to(torch.complex64)])  # cpu cannot: the reference
+    assert name == "reference"
+    assert toy.backward_notes() == ["cross_modal_attention backward runs the cpu kernel (the reference where cpu cannot)"]
+    assert _backends.get_backend("cuda").backward_notes() == [
+        "cross_modal_attention backward runs the triton kernel (the reference where triton cannot)"]
+
+
+def test_register_needs_exactly_one_backward():
+    toy = _ToyBackend()
+    with pytest.raises(ValueError, match="either a backward kernel or backward_via"):
+        toy.register("warp_occlusion", lambda *a: None, None)
+    with pytest.raises(ValueError, match="either a backward kernel or backward_via"):
+        toy.register("warp_occlusion", lambda *a: None, lambda *a: None, backward_via="cpu")
+
+
+@pytest.mark.skipif(not extension().cuda_compiled, reason="the library was built without CUDA kernels")
+def test_cuda_attention_declares_its_feature_limit():
+    from dagan_fast.ops._extension import attention_simt_max_features
+
+    limit = attention_simt_max_features()
+    assert limit is not None and limit >= 256
+    reasons = _backends.get_backend("cuda").kernels["cross_modal_attention"].reasons
+    q, k = torch.randn(1, 1, 2, 32), torch.randn(1, 1, 3, 32)
+    assert reasons(q, k, torch.randn(1, 1, 3, limit - 32)) == []
+    too_wide = reasons(q, k, torch.randn(1, 1, 3, limit - 31))
+    assert len(too_wide) == 1 and str(limit) in too_wide[0] and "Dqk + Dv" in too_wide[0]
+    # tensor cores take any Dv in fp16/bf16 with a supported Dqk
+    assert reasons(q.half(), k.half(), torch.randn(1, 1, 3, limit).half()) == []
+
+
+def test_epilogue_is_declared_on_the_backend():
+    from dagan_fast.ops import attention
+
+    toy = _ToyBackend()
+    toy.register("cross_modal_attention", lambda *a: None, lambda *a: None)
+    _backends.BACKENDS["toy"] = toy
+    try:
+        attention.register_epilogue("toy", lambda *a: ("fused",))
+        assert toy.kernels["cross_modal_attention"].epilogue(None) == ("fused",)
+    finally:
+        del _backends.BACKENDS["toy"]

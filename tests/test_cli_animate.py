@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from dagan_fast import cli
-from dagan_fast.video import VideoReader, VideoWriter
+from dagan_fast.media.video import VideoReader, VideoWriter
 
 from test_streaming import SIZE, face, head_motion, small_model
 

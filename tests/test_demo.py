@@ -7,9 +7,11 @@ import sys
 import pytest
 import torch
 
-from dagan_fast import DaGAN, cli, demo, pretrained
+from dagan_fast import DaGAN, cli
+from dagan_fast.checkpoints import pretrained
+from dagan_fast.cli import demo
 from dagan_fast.streaming import Animator
-from dagan_fast.synthetic import face_images, make_clip, split_faces
+from dagan_fast.media.synthetic import face_images, make_clip, split_faces
 
 
 @pytest.fixture(scope="module")

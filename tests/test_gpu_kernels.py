@@ -25,7 +25,7 @@ def _tolerance(op, dtype):
 
 
 def _runs(op, backend, probe):
-    return not dagan_fast._backends.get_backend(backend).not_supported_reasons(op, [probe])
+    return not dagan_fast.ops._backends.get_backend(backend).not_supported_reasons(op, [probe])
 
 
 def _warp_case(B, C, Hi, Wi, Ho, Wo, channels_last=False):

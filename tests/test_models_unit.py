@@ -391,7 +391,7 @@ def test_save_refuses_folded_model(tmp_path):
 
 
 def test_convert_command(tmp_path, official_files, capsys):
-    from dagan_fast.convert import add_convert_parser, run_convert
+    from dagan_fast.cli.convert import add_convert_parser, run_convert
 
     parser = argparse.ArgumentParser()
     add_convert_parser(parser.add_subparsers(dest="command"))

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import dagan_fast
-from dagan_fast import _backends
+from dagan_fast.ops import _backends
 from dagan_fast.ops import BackendError, available_backends, dense_motion, reference, sparse_motion_inputs
 from conftest import backends_for, rel_err
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dagan_fast import _backends
+from dagan_fast.ops import _backends
 from dagan_fast.ops import dense_motion, reference, sparse_motion_inputs
 from conftest import gpu, rel_err
 from test_motion_ops import make_inputs

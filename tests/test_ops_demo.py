@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from dagan_fast import cli, ops
-from dagan_fast import ops_demo as demo
+from dagan_fast.cli import ops_demo as demo
 from dagan_fast.ops.reference import make_coordinate_grid, materialized_attention
 
 

@@ -1,4 +1,4 @@
-"""One-Euro keypoint smoothing (dagan_fast.smoothing)."""
+"""One-Euro keypoint smoothing (dagan_fast.streaming.smoothing)."""
 from __future__ import annotations
 
 import math
@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from dagan_fast.smoothing import KeypointSmoother, OneEuroFilter
+from dagan_fast.streaming.smoothing import KeypointSmoother, OneEuroFilter
 
 
 def alpha(cutoff: float, freq: float = 25.0) -> float:

@@ -13,7 +13,7 @@ import torch
 
 from conftest import gpu
 from dagan_fast import Animator, DaGAN
-from dagan_fast.streaming import _hull_normalised
+from dagan_fast.streaming.animator import _hull_normalised
 
 SIZE = 64
 SMALL = dict(num_kp=10, kp_detector={"block_expansion": 8, "max_features": 64, "num_blocks": 3},
@@ -234,7 +234,7 @@ def test_bad_inputs(model, model_path, clip, tmp_path):
 
 
 def test_non_face_source_with_face_crop(model):
-    from dagan_fast.face import NoFaceError
+    from dagan_fast.media.face import NoFaceError
 
     noise = np.random.default_rng(0).integers(0, 255, (128, 128, 3), dtype=np.uint8)
     with pytest.raises(NoFaceError):

@@ -1,4 +1,4 @@
-"""Video/image I/O (dagan_fast.video) and face cropping (dagan_fast.face).
+"""Video/image I/O (dagan_fast.media.video) and face cropping (dagan_fast.media.face).
 
 All media are made here, in tmp_path, from scikit-image's bundled images: no network, no large files.
 """
@@ -12,9 +12,9 @@ import pytest
 import torch
 from skimage import data
 
-from dagan_fast import video
-from dagan_fast.face import CropWindow, FaceDetector, NoFaceError, crop_window, window_from_box
-from dagan_fast.video import VideoReader, VideoWriter, iter_frames, read_image, to_tensor, to_uint8
+from dagan_fast.media import video
+from dagan_fast.media.face import CropWindow, FaceDetector, NoFaceError, crop_window, window_from_box
+from dagan_fast.media.video import VideoReader, VideoWriter, iter_frames, read_image, to_tensor, to_uint8
 
 W, H, T = 160, 128, 30          # synthetic clip: (W, H) frames, T of them
 

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 import dagan_fast
-from dagan_fast import _backends
+from dagan_fast.ops import _backends
 from dagan_fast.nn import FusedWarp
 from dagan_fast.ops import BackendError, reference, warp_occlusion
 from conftest import backends_for, compiled_backends_for, gpu, rel_err

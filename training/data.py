@@ -1,6 +1,6 @@
 """Datasets of face videos for training.
 
-Clip sources (``VideoClips`` over folders of frames or video files read with ``dagan_fast.video``, and
+Clip sources (``VideoClips`` over folders of frames or video files read with ``dagan_fast.media.video``, and
 ``training.synthetic.SyntheticClips``) share one interface: ``len(source)``, ``source.num_frames(i)``,
 ``source.frames(i, indices)`` -> (n,3,S,S) float32 in [0,1]. On top of them:
 
@@ -23,7 +23,7 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
-from dagan_fast.video import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, iter_frames, read_image, to_tensor
+from dagan_fast.media.video import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, iter_frames, read_image, to_tensor
 
 Tensor = torch.Tensor
 Key = Union[int, Tuple[int, int]]
@@ -36,7 +36,7 @@ def _natural_key(name: str):
 class VideoClips:
     """Face videos under ``root``: every sub-folder holding image frames (.png/.jpg/.jpeg/.bmp, natural
     order) and every video file (OpenCV-decodable: .mp4, .avi, ...) directly in ``root`` is one clip.
-    Frames are centre-cropped to a square and resized to ``size`` (``dagan_fast.video.to_tensor``); the
+    Frames are centre-cropped to a square and resized to ``size`` (``dagan_fast.media.video.to_tensor``); the
     videos should be face crops already, as the official VoxCeleb preprocessing makes them.
     Clips with fewer than ``min_frames`` frames are skipped. Frame folders are read lazily (only the
     frames asked for); a video file is decoded once fully at construction to count its frames exactly

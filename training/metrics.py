@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from dagan_fast.checkpoints import _torch_load, check_state_dict
+from dagan_fast.checkpoints.io import _torch_load, check_state_dict
 
 Tensor = torch.Tensor
 

@@ -3,7 +3,7 @@ and the ``DaGAN`` wrapper, plus ``DaGANpp`` (built from the DaGAN++ paper). The 
 motion run through ``dagan_fast.ops``."""
 from .blocks import (AntiAliasInterpolation2d, DownBlock2d, Hourglass, ResBlock2d, SameBlock2d, SPADE,
                      SPADEResnetBlock, SpectralNormConv2d, UpBlock2d)
-from .dagan import DEFAULT_CONFIG, DaGAN, PreparedSource, convex_hull_area, make_config, normalize_kp
+from .dagan import DEFAULT_CONFIG, DaGAN, PreparedSource, convex_hull_area, make_config, normalize_kp, relative_motion
 from .daganpp import DaGANpp, DaGANppConfig, DaGANppGenerator, GeometryAttention, parameter_breakdown, parameter_table
 from .dense_motion import DenseMotionNetwork
 from .depth import DepthDecoder, ResnetEncoder
@@ -17,5 +17,5 @@ __all__ = [
     "DepthDecoder", "Discriminator", "DownBlock2d", "Hourglass", "KPDetector", "MultiScaleDiscriminator",
     "PreparedSource", "ResBlock2d", "ResnetEncoder", "SameBlock2d", "SPADE", "SPADEDepthAwareGenerator",
     "SPADEGenerator", "SPADEResnetBlock", "SpectralNormConv2d", "UpBlock2d", "convex_hull_area", "kp2gaussian",
-    "make_config", "normalize_kp",
+    "make_config", "normalize_kp", "relative_motion",
 ]

@@ -25,13 +25,13 @@ from .blocks import SPADEResnetBlock, fold_module
 from .dense_motion import DenseMotionNetwork
 from .depth import RESNET_LAYOUTS, DepthDecoder, ResnetEncoder
 from .discriminator import MultiScaleDiscriminator
-from .generator import DepthAwareGenerator, SPADEDepthAwareGenerator
+from .generator import GENERATOR_KINDS, DepthAwareGenerator, SPADEDepthAwareGenerator
 from .keypoints import KPDetector
+from .registry import register_model
 
 Tensor = torch.Tensor
 KP = Dict[str, Tensor]
 
-GENERATOR_KINDS = ("plain", "spade")
 
 # The official vox-adv-256 configuration (DaGAN's released checkpoints).
 DEFAULT_CONFIG: Dict[str, Any] = {
@@ -127,11 +127,9 @@ def normalize_kp(kp_source: KP, kp_driving: KP, kp_driving_initial: KP, adapt_mo
     kp dicts {"value": (B or 1,K,2), "jacobian": (B or 1,K,2,2)} -> the driving batch's kp dict.
     ``inverse``: the 2x2 inverse used (closed form with a determinant floor by default).
     """
-    kp_new = dict(kp_driving)
     if not use_relative_movement:
-        return kp_new
-    value = kp_driving["value"]
-    diff = value - kp_driving_initial["value"]
+        return dict(kp_driving)
+    scale = None
     if adapt_movement_scale:
         src = kp_source["value"].detach().cpu().double().numpy()
         ini = kp_driving_initial["value"].detach().cpu().double().numpy()
@@ -144,12 +142,31 @@ def normalize_kp(kp_source: KP, kp_driving: KP, kp_driving_initial: KP, adapt_mo
                 raise ValueError("animate: adapt_scale needs the initial driving keypoints to span an area, but their "
                                  "convex hull is degenerate (all keypoints on a line); use adapt_scale=False")
             scales.append(math.sqrt(area_src) / math.sqrt(area_ini))
-        diff = diff * torch.tensor(scales, dtype=diff.dtype, device=diff.device).view(-1, 1, 1)
-    kp_new["value"] = diff + kp_source["value"]
+        value = kp_driving["value"]
+        scale = torch.tensor(scales, dtype=value.dtype, device=value.device).view(-1, 1, 1)
+    initial_inverse = None
     if use_relative_jacobian and "jacobian" in kp_driving:
-        jacobian_diff = torch.matmul(kp_driving["jacobian"], inverse(kp_driving_initial["jacobian"]))
-        kp_new["jacobian"] = torch.matmul(jacobian_diff, kp_source["jacobian"])
-    return kp_new
+        initial_inverse = inverse(kp_driving_initial["jacobian"])
+    return relative_motion(kp_driving, kp_source, kp_driving_initial["value"], initial_inverse, scale)
+
+
+def relative_motion(kp_driving: KP, kp_source: KP, reference_value: Tensor,
+                    reference_inverse: Optional[Tensor] = None, scale: Union[None, float, Tensor] = None) -> KP:
+    """The keypoint motion between a reference driving frame and ``kp_driving``, applied to the source.
+
+    value = kp_source + (kp_driving - reference_value) * scale; with ``reference_inverse`` (the inverse of the
+    reference frame's (B or 1,K,2,2) Jacobians) and driving Jacobians, J = J_driving reference_inverse J_source,
+    otherwise the driving Jacobians are kept. ``scale``: None (1), a float, or (B,1,1). Shapes as
+    ``normalize_kp``; the Animator calls this per frame with the reference's inverse computed once.
+    """
+    diff = kp_driving["value"] - reference_value
+    if scale is not None:
+        diff = diff * scale
+    out = dict(kp_driving)
+    out["value"] = diff + kp_source["value"]
+    if reference_inverse is not None and kp_driving.get("jacobian") is not None:
+        out["jacobian"] = torch.matmul(torch.matmul(kp_driving["jacobian"], reference_inverse), kp_source["jacobian"])
+    return out
 
 
 @dataclass
@@ -180,6 +197,7 @@ def _lcm(*values: int) -> int:
 # --------------------------------------------------------------------------------------------
 # the model
 # --------------------------------------------------------------------------------------------
+@register_model
 class DaGAN(nn.Module):
     """DaGAN (CVPR 2022) with the official architecture and attribute names.
 

@@ -36,7 +36,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import ops
-from ..nn.attention import _is_channels_last
+from ..ops.layout import is_channels_last as _is_channels_last
 from ..ops.reference import materialized_attention
 from .blocks import DownBlock2d, ResBlock2d, SameBlock2d, UpBlock2d
 from .dagan import DaGAN, _lcm
@@ -44,6 +44,7 @@ from .dense_motion import DenseMotionNetwork
 from .depth import RESNET_LAYOUTS, DepthDecoder, ResnetEncoder
 from .generator import _match_batch, _match_kp, _resize_deformation, _resize_map
 from .keypoints import KPDetector
+from .registry import register_model
 
 Tensor = torch.Tensor
 KP = Dict[str, Tensor]
@@ -323,6 +324,7 @@ class DaGANppGenerator(nn.Module):
         return out
 
 
+@register_model
 class DaGANpp(DaGAN):
     """DaGAN++ (see the module docstring), with DaGAN's interface.
 

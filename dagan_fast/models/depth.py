@@ -11,6 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .blocks import fold_conv_bn
+from .registry import register_model
 
 Tensor = torch.Tensor
 
@@ -230,6 +231,7 @@ class DepthDecoder(nn.Module):
         return outputs
 
 
+@register_model
 class FaceDepthNetwork(nn.Module):
     """The face depth network alone (``depth_encoder`` + ``depth_decoder``, the attribute names DaGAN and
     DaGAN++ use), as ``python -m training.train_depth`` trains and saves it. ``config``:

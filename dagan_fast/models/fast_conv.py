@@ -14,6 +14,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from ..ops.layout import is_channels_last
+
 __all__ = ["FastConv2d", "fast_convolutions_available", "use_fast_convolutions"]
 
 Tensor = torch.Tensor
@@ -40,7 +42,7 @@ class FastConv2d(nn.Conv2d):
         if x.device.type != "cpu" or x.dtype != torch.float32 or torch.is_grad_enabled() or x.dim() != 4 \
                 or x.shape[2] * x.shape[3] < MIN_PIXELS:
             return super().forward(x)
-        channels_last = not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+        channels_last = is_channels_last(x)
         images = [torch._nnpack_spatial_convolution(x[i:i + 1], self.weight, self.bias, list(self.padding),
                                                     list(self.stride)) for i in range(x.shape[0])]
         out = images[0] if len(images) == 1 else torch.cat(images)

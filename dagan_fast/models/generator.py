@@ -14,6 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import ops
+from ..ops.layout import is_channels_last as _is_channels_last
 from ..nn.attention import CrossModalAttention
 from .blocks import DownBlock2d, ResBlock2d, SameBlock2d, SPADEResnetBlock, UpBlock2d
 from .dense_motion import DenseMotionNetwork
@@ -21,9 +22,8 @@ from .dense_motion import DenseMotionNetwork
 Tensor = torch.Tensor
 KP = Dict[str, Tensor]
 
-
-def _is_channels_last(t: Tensor) -> bool:
-    return t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
+#: The two DaGAN generators: DepthAwareGenerator ("plain") and SPADEDepthAwareGenerator ("spade").
+GENERATOR_KINDS = ("plain", "spade")
 
 
 def _match_batch(t: Tensor, batch: int) -> Tensor:

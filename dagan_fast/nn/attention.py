@@ -9,12 +9,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import ops
+from ..ops.layout import is_channels_last as _is_channels_last
 
 Tensor = torch.Tensor
-
-
-def _is_channels_last(x: Tensor) -> bool:
-    return x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
 
 
 class CrossModalAttention(nn.Module):

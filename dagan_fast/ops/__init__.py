@@ -8,7 +8,7 @@
 Every op takes ``backend=`` ("cuda", "triton", "cpu", "reference"); by default the fastest backend
 that supports the inputs runs. ``available_backends()`` says what this install has, and why not.
 """
-from .._backends import BackendError, BackendInfo, available_backends
+from ._backends import BackendError, BackendInfo, available_backends
 from . import reference
 from ._validate import skip_value_checks
 from .attention import attention_with_lse, cross_modal_attention

@@ -5,12 +5,12 @@ only: with gradients the epilogue is composed in PyTorch on the differentiable o
 from __future__ import annotations
 
 import math
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import torch
 
-from .. import _backends
-from .._extension import has_kernel
+from . import _backends
+from ._extension import attention_simt_max_features, has_kernel
 from . import _validate, reference
 
 Tensor = torch.Tensor
@@ -35,8 +35,8 @@ def _(q, k, v, scale, backend):
 @torch.library.custom_op("dagan_fast::cross_modal_attention_backward", mutates_args=())
 def _attention_backward_op(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, scale: float,
                            backend: str, output_mask: List[bool]) -> Tuple[Tensor, Tensor, Tensor]:
-    kernels = _backends.get_backend(backend).kernels[OP]
-    return tuple(kernels.backward(grad_out, q, k, v, out, lse, scale, output_mask))
+    _, backward = _backends.get_backend(backend).backward_kernel(OP, [q, k, v])
+    return tuple(backward(grad_out, q, k, v, out, lse, scale, output_mask))
 
 
 @_attention_backward_op.register_fake
@@ -80,15 +80,27 @@ def _compiled_backward(grad_out, q, k, v, out, lse, scale, output_mask):
     return torch.ops.dagan_fast.cross_modal_attention_bwd(grad_out, q, k, v, out, lse, scale, list(output_mask))
 
 
-def _cuda_backward(grad_out, q, k, v, out, lse, scale, output_mask):
-    triton = _backends.get_backend("triton")
-    kernels = triton.kernels[OP] if not triton.not_supported_reasons(OP, [q]) else None
-    backward = kernels.backward if kernels is not None else reference.attention_backward
-    return backward(grad_out, q, k, v, out, lse, scale, output_mask)
+# Dqk in which the CUDA forward uses tensor cores for fp16/bf16; elsewhere its SIMT kernel holds Dqk + Dv
+# features per row in registers/shared memory, up to a limit the library states.
+_CUDA_TENSOR_CORE_DQK = (16, 32, 64, 128, 256)
+
+
+def _cuda_limits(q, k=None, v=None) -> List[str]:
+    if v is None:
+        return []
+    dqk, dv = q.shape[-1], v.shape[-1]
+    if q.dtype in (torch.float16, torch.bfloat16) and dqk in _CUDA_TENSOR_CORE_DQK:
+        return []
+    limit = attention_simt_max_features()
+    if limit is not None and dqk + dv > limit:
+        return [f"Dqk + Dv = {dqk + dv} exceeds the {limit} features of its non-tensor-core kernel ({q.dtype}, "
+                f"Dqk {dqk}; tensor cores need fp16/bf16 and Dqk in {_CUDA_TENSOR_CORE_DQK})"]
+    return []
 
 
 _backends.get_backend("cpu").register(OP, _cpu_forward, _compiled_backward)
-_backends.get_backend("cuda").register(OP, _compiled_forward, _cuda_backward)
+_backends.get_backend("cuda").register(OP, _compiled_forward, None, not_supported_reasons=_cuda_limits,
+                                       backward_via="triton")
 if has_kernel("cross_modal_attention_fwd", "CPU"):  # false without the library (or with an old build of it)
     # Fake kernels of the compiled ops, so they trace under torch.compile / FakeTensorMode too.
     torch.library.register_fake("dagan_fast::cross_modal_attention_fwd")(
@@ -99,16 +111,12 @@ if has_kernel("cross_modal_attention_fwd", "CPU"):  # false without the library 
             t.new_empty(t.shape) if want else t.new_empty((0,)) for t, want in zip((q, k, v), output_mask)))
 
 
-# Backends whose forward can apply ``gamma * out + residual`` while storing: name ->
-# fn(q, k, v, scale, residual or None, gamma (1,) or None) -> (out laid out like epilogue_output, lse).
-# The others run their plain forward and the epilogue in PyTorch; either way the math is
-# reference.attention_residual.
-_EPILOGUE_FORWARDS: Dict[str, Callable] = {}
-
-
 def register_epilogue(backend: str, forward: Callable) -> None:
-    """Declares that ``backend``'s attention forward can fuse the residual epilogue (see above)."""
-    _EPILOGUE_FORWARDS[backend] = forward
+    """Declares that ``backend``'s attention forward can apply ``gamma * out + residual`` while storing:
+    ``forward(q, k, v, scale, residual or None, gamma (1,) or None) -> (out laid out like epilogue_output,
+    lse)``. Other backends run their plain forward and the epilogue in PyTorch; either way the math is
+    ``reference.attention_residual``."""
+    _backends.get_backend(backend).register_epilogue(OP, forward)
 
 
 def epilogue_output(q: Tensor, v: Tensor, residual: Optional[Tensor]) -> Tensor:
@@ -123,10 +131,10 @@ def epilogue_output(q: Tensor, v: Tensor, residual: Optional[Tensor]) -> Tensor:
 @torch.library.custom_op("dagan_fast::cross_modal_attention_residual", mutates_args=())
 def _attention_residual_op(q: Tensor, k: Tensor, v: Tensor, scale: float, residual: Optional[Tensor],
                            gamma: Optional[Tensor], backend: str) -> Tensor:
-    fused = _EPILOGUE_FORWARDS.get(backend)
-    if fused is not None:
-        return fused(q, k, v, scale, residual, gamma)[0]
-    attn, _ = _backends.get_backend(backend).kernels[OP].forward(q, k, v, scale)
+    kernels = _backends.get_backend(backend).kernels[OP]
+    if kernels.epilogue is not None:
+        return kernels.epilogue(q, k, v, scale, residual, gamma)[0]
+    attn, _ = kernels.forward(q, k, v, scale)
     result = epilogue_output(q, v, residual)
     if gamma is None:
         return torch.add(attn, residual, out=result)
@@ -196,7 +204,7 @@ def cross_modal_attention(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float
     """
     scale = check_attention_args(q, k, v, scale)
     check_epilogue_args(q, v, residual, gamma)
-    chosen = _backends.select_backend(OP, [q], backend)
+    chosen = _backends.select_backend(OP, [q, k, v], backend)
     if residual is None and gamma is None:
         out, _ = _attention_op(q, k, v, scale, chosen.name)
         return out
@@ -214,5 +222,5 @@ def attention_with_lse(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float] =
     """Like ``cross_modal_attention`` but also returns the row logsumexp (B,H,Nq) of the scaled scores
     (float32; float64 for float64 inputs), e.g. to merge attention over split key sets."""
     scale = check_attention_args(q, k, v, scale)
-    chosen = _backends.select_backend(OP, [q], backend)
+    chosen = _backends.select_backend(OP, [q, k, v], backend)
     return _attention_op(q, k, v, scale, chosen.name)

@@ -7,8 +7,8 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from .. import _backends
-from .._extension import extension
+from . import _backends
+from ._extension import extension
 from . import _validate, reference
 
 Tensor = torch.Tensor

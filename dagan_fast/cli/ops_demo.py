@@ -31,8 +31,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import ops
-from .ops.reference import make_coordinate_grid
+from .. import ops
+from ..media.video import to_uint8
+from ..ops.reference import make_coordinate_grid
 
 Tensor = torch.Tensor
 
@@ -324,13 +325,6 @@ def full_attention(result: DemoFrames, index: int) -> Tuple[Tensor, float]:
 # --------------------------------------------------------------------------------------------
 # pictures
 # --------------------------------------------------------------------------------------------
-def to_uint8(image: Tensor) -> np.ndarray:
-    """(1, 3, H, W) or (3, H, W) float in [0, 1] -> (H, W, 3) uint8."""
-    if image.dim() == 4:
-        image = image[0]
-    return (image.clamp(0, 1).permute(1, 2, 0).numpy() * 255.0 + 0.5).astype(np.uint8)
-
-
 def draw_points(image: np.ndarray, points: Tensor, colour=(0, 255, 0), radius: int = 2) -> np.ndarray:
     """Copy of ``image`` (H, W, 3) uint8 with a dot (dark ring) at each (x, y) in [-1, 1] of ``points`` (K, 2)."""
     out = image.copy()
@@ -480,7 +474,7 @@ def backend_summary() -> List[str]:
 
 def backends_used(source: Tensor) -> Dict[str, str]:
     """Which backend each op picked for this demo's (CPU float32) tensors."""
-    from ._backends import select_backend
+    from ..ops._backends import select_backend
 
     chosen = {}
     for op in ("sparse_motion_inputs", "dense_motion", "warp_occlusion", "cross_modal_attention"):

@@ -13,7 +13,7 @@ What happens where:
   and the downsampled source of the dense-motion network (``DaGAN.prepare_source``-equivalent; see
   ``generator.encode_source``).
 * per driving frame (``stream``): the frame is validated and converted (numpy uint8 RGB, grayscale,
-  RGBA or tensors, by ``dagan_fast.video``'s rules; non-square frames are centre-cropped, then resized to
+  RGBA or tensors, by ``dagan_fast.media.video``'s rules; non-square frames are centre-cropped, then resized to
   the model's size), then only driving work runs: depth and keypoints of the frame, optional One-Euro
   smoothing, the relative-motion transfer against the reference frame, and the generator with the cached
   source features. Model calls run under ``torch.inference_mode()`` and ``skip_value_checks()`` (the
@@ -60,7 +60,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .ops._validate import skip_value_checks
+from ..ops._validate import skip_value_checks
 
 __all__ = ["Animator", "DEFAULT_SIZE", "DEFAULT_BEST_FRAMES", "MODEL_REQUIRED_MESSAGE"]
 
@@ -81,7 +81,7 @@ MODEL_REQUIRED_MESSAGE = (
     ".pth.tar with depth_encoder=... and depth_decoder=...")
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
-_FLOAT_SLACK = 0.1          # as dagan_fast.video: floats this far outside [0, 1] are clamped
+_FLOAT_SLACK = 0.1          # as dagan_fast.media.video: floats this far outside [0, 1] are clamped
 
 
 # --------------------------------------------------------------------------------------------
@@ -91,9 +91,9 @@ def load_model(model, *, depth_encoder=None, depth_decoder=None, map_location="c
     """A model object from ``model``: a loaded model (returned as is), a dagan_fast safetensors file
     (``checkpoints.load``: DaGAN or DaGAN++, as the file says), or the authors' ``.pth.tar`` checkpoint
     with ``depth_encoder`` (encoder.pth) and ``depth_decoder`` (depth.pth) (``DaGAN.from_official``).
-    ``None``: the bundled tiny model (``dagan_fast.pretrained``); a missing file raises ``FileNotFoundError``."""
+    ``None``: the bundled tiny model (``dagan_fast.checkpoints.pretrained``); a missing file raises ``FileNotFoundError``."""
     if model is None:
-        from .pretrained import load_default
+        from ..checkpoints.pretrained import load_default
         return load_default(map_location=map_location)
     if isinstance(model, nn.Module):
         return model
@@ -105,8 +105,8 @@ def load_model(model, *, depth_encoder=None, depth_decoder=None, map_location="c
         raise FileNotFoundError(f"Animator: model file not found: {path} ({MODEL_REQUIRED_MESSAGE})")
     if os.path.isdir(path):
         raise ValueError(f"Animator: model {path} is a folder; pass the .safetensors file (or the .pth.tar)")
-    from . import checkpoints
-    from .models.dagan import DaGAN
+    from .. import checkpoints
+    from ..models.dagan import DaGAN
 
     lower = path.lower()
     official = lower.endswith((".pth.tar", ".pth", ".tar", ".pt", ".ckpt"))
@@ -143,7 +143,7 @@ def _make_smoother(smoothing, fps: Optional[float]):
 def _hull_normalised(value: Tensor) -> np.ndarray:
     """(K,2) keypoints -> centred and divided by sqrt(convex hull area) (the official find_best_frame
     normalisation); a degenerate hull divides by 1."""
-    from .models.dagan import convex_hull_area
+    from ..models.dagan import convex_hull_area
 
     kp = value.detach().double().cpu().numpy().reshape(-1, 2)
     kp = kp - kp.mean(axis=0, keepdims=True)
@@ -200,10 +200,10 @@ class Animator:
     ``model``: a loaded model (``dagan_fast.DaGAN`` or ``dagan_fast.DaGANpp``; anything with ``depth``,
     ``kp_detector``, ``generator`` (with ``encode_source``) and ``size_multiple``) or a path: a dagan_fast
     ``.safetensors`` file, or the authors' ``.pth.tar`` with ``depth_encoder=``/``depth_decoder=`` given, or None
-    for the bundled tiny 64x64 model (``dagan_fast.pretrained``). A model object
+    for the bundled tiny 64x64 model (``dagan_fast.checkpoints.pretrained``). A model object
     is not modified: unless it went through ``optimize_for_inference()`` already, a folded copy is made
     (``optimize=False``: use it as is, unfolded; it is still moved to ``device``/``dtype``).
-    ``source``: the portrait: (H, W, 3) uint8 RGB numpy (gray/RGBA accepted as ``dagan_fast.video``
+    ``source``: the portrait: (H, W, 3) uint8 RGB numpy (gray/RGBA accepted as ``dagan_fast.media.video``
     documents), a float tensor (3, H, W)/(1, 3, H, W) in [0, 1], or an image path. Non-square images are
     centre-cropped to a square (``face_crop=True``: cut around the detected face instead, for the source
     and, from the first driving frame on, one fixed window for the driving frames), then resized to
@@ -279,7 +279,7 @@ class Animator:
                 if sub is not None:
                     sub.to(dtype)
         if fast_conv:
-            from .models.fast_conv import use_fast_convolutions
+            from ..models.fast_conv import use_fast_convolutions
             try:
                 use_fast_convolutions(loaded)
             except RuntimeError as exc:
@@ -335,7 +335,7 @@ class Animator:
         """Replace the source image and recompute every source-only quantity (depth, keypoints, encoder
         and depth features, attention queries). ``source``: as in the constructor. Resets the stream state
         (reference, smoothing, face window; see :meth:`reset`)."""
-        from .video import center_square, read_image, resize_square
+        from ..media.video import center_square, read_image, resize_square
 
         self.size = self._choose_size(source)
         what = "source" if not isinstance(source, (str, os.PathLike)) else f"source {os.fspath(source)}"
@@ -347,7 +347,7 @@ class Animator:
         else:
             array = read_image(source, what=what)
             if self.face_crop:
-                from .face import crop_window
+                from ..media.face import crop_window
 
                 array = crop_window(array, what=what).apply(array, size=self.size)
             else:
@@ -365,7 +365,7 @@ class Animator:
         self.reset()
 
     def _prepare(self, image: Tensor):
-        from .models.dagan import PreparedSource
+        from ..models.dagan import PreparedSource
 
         m = self.model
         low = image.to(self.dtype)
@@ -408,13 +408,13 @@ class Animator:
 
     def _to_array(self, frame, index: int) -> np.ndarray:
         """One frame -> (S, S, 3) uint8 RGB numpy (validated, face-cropped or centre-cropped, resized)."""
-        from .video import center_square, read_image, resize_square
+        from ..media.video import center_square, read_image, resize_square
 
         what = f"frame {index}"
         array = read_image(frame, what=what)
         if self.face_crop:
             if self._window is None:
-                from .face import FaceDetector, NoFaceError, window_from_box
+                from ..media.face import FaceDetector, NoFaceError, window_from_box
 
                 box = FaceDetector().best_face(array)
                 if box is None:
@@ -507,8 +507,8 @@ class Animator:
 
     # ------------------------------------------------------------------ motion (host logic, per frame)
     def _set_reference(self, kp: KP) -> None:
-        from .models.dagan import convex_hull_area
-        from .ops.reference import inverse_2x2
+        from ..models.dagan import convex_hull_area
+        from ..ops.reference import inverse_2x2
 
         ref: Dict[str, Any] = {"value": kp["value"], "jacobian": kp.get("jacobian"), "scale": None}
         if ref["jacobian"] is not None:
@@ -525,16 +525,10 @@ class Animator:
 
     def _relative(self, kp: KP) -> KP:
         """The official normalize_kp (relative movement and Jacobians) against the current reference."""
-        ref, src = self._ref, self.prepared.kp
-        diff = kp["value"] - ref["value"]
-        if ref["scale"] is not None:
-            diff = diff * ref["scale"]
-        out = {"value": diff + src["value"]}
-        if kp.get("jacobian") is not None and ref["jacobian"] is not None:
-            out["jacobian"] = torch.matmul(torch.matmul(kp["jacobian"], ref["inverse"]), src["jacobian"])
-        elif kp.get("jacobian") is not None:
-            out["jacobian"] = kp["jacobian"]
-        return out
+        from ..models.dagan import relative_motion
+
+        ref = self._ref
+        return relative_motion(kp, self.prepared.kp, ref["value"], ref.get("inverse"), ref["scale"])
 
     def _motion_step(self, kp: KP, index: int) -> str:
         """Updates the reference with frame ``index``'s (smoothed) keypoints. Returns "ready" when frames
@@ -588,7 +582,7 @@ class Animator:
 
     def _run(self, frames: Iterable, batch_size: int) -> Iterator[Any]:
         if isinstance(frames, (str, os.PathLike)):
-            from .video import iter_frames
+            from ..media.video import iter_frames
 
             frames = iter_frames(frames)
         elif isinstance(frames, np.ndarray) and frames.ndim == 4 or isinstance(frames, Tensor) and frames.dim() == 4:

@@ -10,11 +10,9 @@ import os
 import sys
 from typing import Callable, Optional, Sequence
 
+from .errors import CommandError
+
 PROG = "dagan-fast"
-
-
-class CommandError(Exception):
-    """A problem the user can fix (bad option, unwritable path): printed as ``dagan-fast <cmd>: error: ...``."""
 
 
 def _positive_int(low: int, high: int, what: str) -> Callable[[str], int]:
@@ -66,8 +64,8 @@ def _run_ops_demo(args: argparse.Namespace) -> int:
 
     from . import ops_demo as demo
 
-    from ._backends import PRIORITY
-    from .ops import BackendError
+    from ..ops._backends import PRIORITY
+    from ..ops import BackendError
 
     forced = os.environ.get("DAGAN_FAST_BACKEND", "").strip()
     if forced and forced not in PRIORITY:
@@ -141,8 +139,8 @@ def _add_model_options(parser) -> None:
 def _load_model(args):
     """The model of --checkpoint (the bundled one without it), and the side it runs at (--size, else the size
     the file records, else 256); user-fixable problems become CommandError."""
-    from .checkpoints import CheckpointError
-    from .streaming import DEFAULT_SIZE, load_model
+    from ..checkpoints import CheckpointError
+    from ..streaming import DEFAULT_SIZE, load_model
 
     if bool(args.depth_encoder) != bool(args.depth_decoder):
         raise CommandError("--depth-encoder and --depth-decoder go together (the official depth files)")
@@ -160,8 +158,8 @@ def _make_animator(args, model, size: int, source_image, reference: str = "first
     """The Animator for parsed options and a loaded model; user-fixable problems become CommandError."""
     import torch
 
-    from .checkpoints import CheckpointError
-    from .streaming import Animator
+    from ..checkpoints import CheckpointError
+    from ..streaming import Animator
 
     try:
         device = torch.device(args.device)
@@ -211,7 +209,7 @@ def _checked_source(args: argparse.Namespace):
     """Applies --threads and reads --source (H,W,3 uint8 RGB), as CommandErrors."""
     import torch
 
-    from .video import read_image
+    from ..media.video import read_image
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -227,8 +225,8 @@ def _run_animate(args: argparse.Namespace) -> int:
 
     import numpy as np
 
-    from .face import NoFaceError, crop_window
-    from .video import VideoReader, VideoWriter, center_square, resize_square
+    from ..media.face import NoFaceError, crop_window
+    from ..media.video import VideoReader, VideoWriter, center_square, resize_square
 
     source = _checked_source(args)
     try:
@@ -306,8 +304,8 @@ def _run_webcam(args: argparse.Namespace) -> int:
     import cv2
     import numpy as np
 
-    from .face import NoFaceError, crop_window
-    from .video import VideoReader, center_square, resize_square
+    from ..media.face import NoFaceError, crop_window
+    from ..media.video import VideoReader, center_square, resize_square
 
     source = _checked_source(args)
     try:
@@ -380,7 +378,7 @@ def _run_demo(args: argparse.Namespace) -> int:
     import torch
 
     from . import demo
-    from .checkpoints import CheckpointError
+    from ..checkpoints import CheckpointError
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -400,7 +398,7 @@ SUBCOMMANDS = (_add_demo, _add_animate, _add_webcam, _add_convert, _add_ops_demo
 # dispatcher
 # --------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
+    from .._version import __version__
 
     parser = argparse.ArgumentParser(
         prog=PROG,

@@ -3,7 +3,7 @@
 Every frame this module hands out is a NumPy array of shape (H, W, 3), dtype uint8, RGB channel order
 (OpenCV decodes BGR; the conversion happens here, once). Inputs are normalised by one set of rules,
 shared by :func:`read_image`, :func:`iter_frames`, :class:`VideoWriter`, :func:`to_uint8` and the face
-cropper (``dagan_fast.face``):
+cropper (``dagan_fast.media.face``):
 
 Accepted (converted to (H, W, 3) uint8 RGB):
   * NumPy arrays, channels last: (H, W, 3) RGB; (H, W) or (H, W, 1) grayscale (replicated to 3 channels);
@@ -44,6 +44,9 @@ __all__ = [
     "iter_frames",
     "to_tensor",
     "to_uint8",
+    "as_rgb_uint8",
+    "describe",
+    "is_path",
     "center_square",
     "resize_square",
 ]
@@ -68,7 +71,8 @@ _FLOAT_SLACK = 0.1
 # --------------------------------------------------------------------------------------------
 # normalising one frame
 # --------------------------------------------------------------------------------------------
-def _describe(x) -> str:
+def describe(x) -> str:
+    """``"shape (H, W, 3), dtype uint8"``-style text for error messages about an array or tensor ``x``."""
     shape = tuple(x.shape) if hasattr(x, "shape") else "?"
     dtype = str(x.dtype).replace("torch.", "") if hasattr(x, "dtype") else type(x).__name__
     return f"shape {shape}, dtype {dtype}"
@@ -79,16 +83,16 @@ def _tensor_to_hwc(t: torch.Tensor, what: str) -> torch.Tensor:
     t = t.detach()
     if t.ndim == 4:
         if t.shape[0] != 1:
-            raise ValueError(f"{what}: expected one frame, got a batch of {t.shape[0]} ({_describe(t)}); "
+            raise ValueError(f"{what}: expected one frame, got a batch of {t.shape[0]} ({describe(t)}); "
                              "index one frame first")
         t = t[0]
     if t.ndim == 3:
         if t.shape[0] in (1, 3, 4):          # channels first, the torch convention, wins when ambiguous
             t = t.permute(1, 2, 0)
         elif t.shape[-1] not in (1, 3, 4):
-            raise ValueError(f"{what}: expected a (3, H, W) or (H, W, 3) image tensor, got {_describe(t)}")
+            raise ValueError(f"{what}: expected a (3, H, W) or (H, W, 3) image tensor, got {describe(t)}")
     elif t.ndim != 2:
-        raise ValueError(f"{what}: expected a (3, H, W) or (H, W, 3) image tensor, got {_describe(t)}")
+        raise ValueError(f"{what}: expected a (3, H, W) or (H, W, 3) image tensor, got {describe(t)}")
     return t
 
 
@@ -99,16 +103,16 @@ def _float_to_uint8(x, what: str, original):
     else:
         lo, hi = float(np.min(x)), float(np.max(x))
     if not (np.isfinite(lo) and np.isfinite(hi)):
-        raise ValueError(f"{what}: float image contains NaN or inf ({_describe(original)})")
+        raise ValueError(f"{what}: float image contains NaN or inf ({describe(original)})")
     if lo < -_FLOAT_SLACK or hi > 1.0 + _FLOAT_SLACK:
         raise ValueError(f"{what}: float images must hold values in [0, 1], got values in [{lo:.4g}, {hi:.4g}] "
-                         f"({_describe(original)}); divide a [0, 255] image by 255 or pass uint8")
+                         f"({describe(original)}); divide a [0, 255] image by 255 or pass uint8")
     if isinstance(x, torch.Tensor):
         return (x.float().clamp(0.0, 1.0) * 255.0).round_().to(torch.uint8)
     return np.rint(np.clip(x.astype(np.float32, copy=False), 0.0, 1.0) * 255.0).astype(np.uint8)
 
 
-def _as_rgb_uint8(x, what: str = "frame") -> np.ndarray:
+def as_rgb_uint8(x, what: str = "frame") -> np.ndarray:
     """Any accepted image (see the module docstring) -> contiguous (H, W, 3) uint8 RGB NumPy array.
 
     A uint8 (H, W, 3) C-contiguous NumPy input is returned as is (no copy).
@@ -116,9 +120,9 @@ def _as_rgb_uint8(x, what: str = "frame") -> np.ndarray:
     original = x
     if isinstance(x, torch.Tensor):
         if x.numel() == 0:
-            raise ValueError(f"{what}: empty image ({_describe(x)})")
+            raise ValueError(f"{what}: empty image ({describe(x)})")
         if x.dtype == torch.bool or x.is_complex():
-            raise ValueError(f"{what}: not an image dtype ({_describe(x)}); pass uint8 or float in [0, 1]")
+            raise ValueError(f"{what}: not an image dtype ({describe(x)}); pass uint8 or float in [0, 1]")
         t = _tensor_to_hwc(x, what)
         if t.is_floating_point():
             t = _float_to_uint8(t, what, original)
@@ -140,24 +144,24 @@ def _as_rgb_uint8(x, what: str = "frame") -> np.ndarray:
         if x.ndim == 4 and x.shape[0] == 1:
             x = x[0]
         if x.ndim == 3 and x.shape[-1] not in (1, 3, 4) and x.shape[0] in (1, 3, 4):
-            raise ValueError(f"{what}: NumPy images are channels-last (H, W, C), got {_describe(x)} which looks "
+            raise ValueError(f"{what}: NumPy images are channels-last (H, W, C), got {describe(x)} which looks "
                              "channels-first; transpose it with x.transpose(1, 2, 0)")
 
     if x.size == 0:
-        raise ValueError(f"{what}: empty image ({_describe(original)})")
+        raise ValueError(f"{what}: empty image ({describe(original)})")
     if x.ndim == 2:
         x = x[:, :, None]
     if x.ndim != 3:
-        raise ValueError(f"{what}: expected an (H, W), (H, W, 3) or (H, W, 4) image, got {_describe(original)}")
+        raise ValueError(f"{what}: expected an (H, W), (H, W, 3) or (H, W, 4) image, got {describe(original)}")
     channels = x.shape[2]
     if channels not in (1, 3, 4):
         raise ValueError(f"{what}: expected 1 (gray), 3 (RGB) or 4 (RGBA) channels, got {channels} "
-                         f"({_describe(original)})")
+                         f"({describe(original)})")
 
     if x.dtype == np.uint8:
         pass
     elif x.dtype == np.bool_ or x.dtype.kind in "cOUSV":
-        raise ValueError(f"{what}: not an image dtype ({_describe(original)}); pass uint8 or float in [0, 1]")
+        raise ValueError(f"{what}: not an image dtype ({describe(original)}); pass uint8 or float in [0, 1]")
     elif x.dtype.kind == "f":
         x = _float_to_uint8(x, what, original)
     elif x.dtype == np.uint16:
@@ -166,10 +170,10 @@ def _as_rgb_uint8(x, what: str = "frame") -> np.ndarray:
         lo, hi = int(x.min()), int(x.max())
         if lo < 0 or hi > 255:
             raise ValueError(f"{what}: integer images must hold values in [0, 255], got [{lo}, {hi}] "
-                             f"({_describe(original)})")
+                             f"({describe(original)})")
         x = x.astype(np.uint8)
     else:                                    # pragma: no cover - every NumPy kind is handled above
-        raise ValueError(f"{what}: unsupported dtype ({_describe(original)})")
+        raise ValueError(f"{what}: unsupported dtype ({describe(original)})")
 
     if channels == 1:
         x = np.repeat(x, 3, axis=2)
@@ -187,7 +191,8 @@ def _bgr_to_rgb(frame: np.ndarray) -> np.ndarray:
     return cv2.cvtColor(frame, cv2.COLOR_BGR2RGB)
 
 
-def _is_path(x) -> bool:
+def is_path(x) -> bool:
+    """Whether ``x`` names a file or folder (str or os.PathLike) rather than holding pixels."""
     return isinstance(x, (str, os.PathLike))
 
 
@@ -214,7 +219,7 @@ def _decode_image_file(path: str) -> np.ndarray:
     if image is None:
         raise ValueError(f"cannot read {path} as an image: it is empty, corrupt or not an image format that "
                          "OpenCV or imageio can decode")
-    return _as_rgb_uint8(image, what=f"image {path}")
+    return as_rgb_uint8(image, what=f"image {path}")
 
 
 def read_image(path_or_array, what: Optional[str] = None) -> np.ndarray:
@@ -228,9 +233,9 @@ def read_image(path_or_array, what: Optional[str] = None) -> np.ndarray:
     the wrong shape/dtype (the message gives the shape and dtype), ``TypeError`` for other objects.
     An input that is already (H, W, 3) uint8 and contiguous is returned without a copy.
     """
-    if _is_path(path_or_array):
+    if is_path(path_or_array):
         return _decode_image_file(os.fspath(path_or_array))
-    return _as_rgb_uint8(path_or_array, what or "image")
+    return as_rgb_uint8(path_or_array, what or "image")
 
 
 def _natural_key(name: str):
@@ -295,7 +300,7 @@ class VideoReader:
             self.name = f"camera {self.source}"
             self._open_capture()
             return
-        if not _is_path(source):
+        if not is_path(source):
             raise TypeError(f"VideoReader: expected a path or a camera index, got {type(source).__name__}")
         path = os.fspath(source)
         self.source = path
@@ -427,7 +432,7 @@ class VideoWriter:
 
     def __init__(self, path: PathLike, fps: float = DEFAULT_FPS, size: Optional[Tuple[int, int]] = None,
                  fourcc: Optional[str] = None):
-        if not _is_path(path):
+        if not is_path(path):
             raise TypeError(f"VideoWriter: expected an output path, got {type(path).__name__}")
         raw = os.fspath(path)
         self.path = raw.rstrip("/" + os.sep) or raw
@@ -488,7 +493,7 @@ class VideoWriter:
         """Append one frame: (H, W, 3) uint8 RGB or anything :func:`read_image` accepts."""
         if self._closed:
             raise ValueError(f"VideoWriter({self.path!r}) is closed")
-        image = _as_rgb_uint8(frame, what=f"frame {self.frames_written} written to {self.path}")
+        image = as_rgb_uint8(frame, what=f"frame {self.frames_written} written to {self.path}")
         size = (image.shape[1], image.shape[0])
         if self.size is None:
             self.size = size
@@ -567,11 +572,11 @@ def iter_frames(source, fps: Optional[float] = None) -> Iterator[np.ndarray]:
     """
     if isinstance(source, VideoReader):
         return _reader_frames(source, close=False)
-    if _is_path(source) or (isinstance(source, (int, np.integer)) and not isinstance(source, bool)):
+    if is_path(source) or (isinstance(source, (int, np.integer)) and not isinstance(source, bool)):
         return _reader_frames(VideoReader(source, fps=fps), close=True)
     if isinstance(source, (np.ndarray, torch.Tensor)):
         if source.ndim == 4:
-            return _normalised(iter(source), what=f"the frame stack ({_describe(source)})")
+            return _normalised(iter(source), what=f"the frame stack ({describe(source)})")
         return _normalised(iter([source]), what="the frame")
     try:
         iterator = iter(source)
@@ -606,7 +611,7 @@ def to_tensor(frame, size: Optional[int] = None, device=None, dtype: torch.dtype
 
     ``frame``: anything :func:`read_image` accepts (paths included). A non-square frame is first
     centre-cropped to its largest square (the aspect ratio is kept; the sides are cut, as for a
-    landscape webcam frame whose face is near the middle: use ``dagan_fast.face`` for a face-centred
+    landscape webcam frame whose face is near the middle: use ``dagan_fast.media.face`` for a face-centred
     crop), then resized to ``size`` x ``size`` (cv2.INTER_AREA when shrinking, INTER_LINEAR when
     enlarging); ``size=None`` keeps the square's side S = min(H, W). ``device``: where the tensor goes
     (the uint8 frame is moved first, then converted there).
@@ -631,4 +636,4 @@ def to_uint8(tensor) -> np.ndarray:
     Values within 0.1 outside [0, 1] are clamped; NaN/inf, values further out and batches of more than
     one frame raise ``ValueError``. The conversion runs on the tensor's device; only uint8 data moves.
     """
-    return _as_rgb_uint8(tensor, what="to_uint8 input")
+    return as_rgb_uint8(tensor, what="to_uint8 input")

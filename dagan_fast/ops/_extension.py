@@ -30,7 +30,7 @@ def extension() -> ExtensionState:
     """Loads the library on first call; never raises (the reason goes into ``error``)."""
     if os.environ.get("DAGAN_FAST_NO_EXTENSION", "").strip() not in ("", "0"):
         return ExtensionState(False, None, "disabled by DAGAN_FAST_NO_EXTENSION", False, "")
-    here = os.path.dirname(os.path.abspath(__file__))
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the package root, where the build puts it
     candidates = sorted(glob.glob(os.path.join(here, "_C*.so")))
     if not candidates:
         return ExtensionState(
@@ -54,3 +54,18 @@ def has_kernel(op: str, dispatch_key: str) -> bool:
     if not extension().loaded:
         return False
     return torch._C._dispatch_has_kernel_for_dispatch_key(f"dagan_fast::{op}", dispatch_key)
+
+
+@functools.lru_cache(maxsize=None)
+def attention_simt_max_features() -> Optional[int]:
+    """Largest Dqk + Dv the CUDA attention forward takes outside tensor cores (from the compiled library,
+    through its C entry point, which needs no GPU), or None when the library has no CUDA kernels."""
+    state = extension()
+    if not (state.loaded and state.cuda_compiled):
+        return None
+    import ctypes
+
+    try:
+        return int(ctypes.CDLL(state.path).dagan_fast_attention_simt_max_features())
+    except (OSError, AttributeError):
+        return None

@@ -25,12 +25,22 @@ class BackendError(RuntimeError):
     """No backend can run an op on the given inputs, or a forced backend cannot; lists every reason."""
 
 
-@dataclass(frozen=True)
+@dataclass
 class OpKernels:
-    """One backend's implementation of one op: ``forward(*args)`` and ``backward(grad, *args, mask)``."""
+    """One backend's implementation of one op: ``forward(*args)`` and ``backward(grad, *args, mask)``.
+
+    ``reasons(*tensors) -> [str]``: the op-specific limits of this kernel (shapes, features), read by dispatch
+    with the op's tensor operands, so automatic selection falls back instead of the kernel raising.
+    ``backward_via``: the backend whose backward kernel runs this op's backward (when this backend has a
+    forward only), the reference when that one cannot run the inputs. ``epilogue``: a forward that also
+    applies an op-specific epilogue while storing (attention: ``gamma * out + residual``), or None.
+    """
 
     forward: Callable
-    backward: Callable
+    backward: Optional[Callable]
+    reasons: Optional[Callable[..., List[str]]] = None
+    backward_via: Optional[str] = None
+    epilogue: Optional[Callable] = None
 
 
 class BackendInfo(NamedTuple):
@@ -50,8 +60,34 @@ class Backend:
     def __init__(self) -> None:
         self.kernels: Dict[str, OpKernels] = {}
 
-    def register(self, op: str, forward: Callable, backward: Callable) -> None:
-        self.kernels[op] = OpKernels(forward, backward)
+    def register(self, op: str, forward: Callable, backward: Optional[Callable], *,
+                 not_supported_reasons: Optional[Callable[..., List[str]]] = None,
+                 backward_via: Optional[str] = None) -> None:
+        """Adds ``op``'s kernels; see ``OpKernels`` for the keyword arguments. Exactly one of ``backward`` and
+        ``backward_via`` is given."""
+        if (backward is None) == (backward_via is None):
+            raise ValueError(f"{self.name}.register({op!r}): give either a backward kernel or backward_via")
+        self.kernels[op] = OpKernels(forward, backward, not_supported_reasons, backward_via)
+
+    def register_epilogue(self, op: str, forward: Callable) -> None:
+        """Declares that this backend's ``op`` forward can fuse an epilogue (``OpKernels.epilogue``)."""
+        self.kernels[op].epilogue = forward
+
+    def backward_kernel(self, op: str, tensors: Sequence[torch.Tensor]) -> Tuple[str, Callable]:
+        """(backend name, backward function) that runs ``op``'s backward on these inputs: this backend's own
+        kernel, or the one ``backward_via`` names when it supports them, else the reference's."""
+        kernels = self.kernels[op]
+        if kernels.backward is not None:
+            return self.name, kernels.backward
+        via = BACKENDS[kernels.backward_via]
+        if not via.not_supported_reasons(op, tensors):
+            return via.name, via.kernels[op].backward
+        return "reference", BACKENDS["reference"].kernels[op].backward
+
+    def backward_notes(self) -> List[str]:
+        """One line per op whose backward another backend runs (reported by ``info``)."""
+        return [f"{op} backward runs the {k.backward_via} kernel (the reference where {k.backward_via} cannot)"
+                for op, k in sorted(self.kernels.items()) if k.backward_via is not None]
 
     def unavailable_reason(self) -> Optional[str]:
         """Why this backend cannot run anything in this process, or None."""
@@ -76,6 +112,9 @@ class Backend:
             dtype = tensors[0].dtype
             if dtype not in self.dtypes:
                 reasons.append(f"does not take {dtype} (takes {', '.join(str(d) for d in self.dtypes)})")
+            kernels = self.kernels.get(op)
+            if not reasons and kernels is not None and kernels.reasons is not None:
+                reasons.extend(kernels.reasons(*tensors))
         return reasons
 
     def auto_reasons(self, op: str, tensors: Sequence[torch.Tensor]) -> List[str]:
@@ -92,7 +131,7 @@ class Backend:
             return BackendInfo(False, ops, reason)
         if not ops:
             return BackendInfo(False, ops, "no kernels in this version")
-        return BackendInfo(True, ops, self.describe())
+        return BackendInfo(True, ops, "; ".join([self.describe(), *self.backward_notes()]))
 
     def describe(self) -> str:
         return ""

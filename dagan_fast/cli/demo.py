@@ -1,8 +1,8 @@
 """The ``dagan-fast demo`` job, README's main job: the bundled trained model animating the bundled portrait.
 
 Offline and self-contained: the source is the astronaut portrait that ships with scikit-image, the driving
-video a synthetic talking-head clip (``dagan_fast.synthetic``) of a face the bundled model never saw in
-training, and the model the bundled tiny DaGAN (``dagan_fast.pretrained``), run through ``Animator.stream``
+video a synthetic talking-head clip (``dagan_fast.media.synthetic``) of a face the bundled model never saw in
+training, and the model the bundled tiny DaGAN (``dagan_fast.checkpoints.pretrained``), run through ``Animator.stream``
 frame by frame as a live user would. A second pass drives the astronaut with a synthetic clip of herself,
 where the ground truth is known, and compares the result with the trivial answer "return the source frame".
 """
@@ -28,8 +28,10 @@ SELF_SEED = 7
 
 
 def _to_uint8(frames: torch.Tensor) -> np.ndarray:
-    """(T,3,S,S) floats in [0,1] -> (T,S,S,3) uint8."""
-    return (frames.clamp(0, 1).permute(0, 2, 3, 1).numpy() * 255.0 + 0.5).astype(np.uint8)
+    """(T,3,S,S) floats in [0,1] -> (T,S,S,3) uint8, by ``media.video.to_uint8``'s rules."""
+    from ..media.video import to_uint8
+
+    return np.stack([to_uint8(frame) for frame in frames])
 
 
 def _show(image: np.ndarray) -> np.ndarray:
@@ -67,8 +69,8 @@ def run_demo(out_dir: str = "demo_out", frames: int = 48, checkpoint: Optional[s
     ``per_frame_ms`` (median streaming time per frame after the first), ``fps``, and the self-reenactment
     check ``self_psnr`` (result vs ground truth) and ``baseline_psnr`` (source frame vs ground truth), in dB.
     Raises DemoError for bad arguments or an unwritable ``out_dir``."""
-    from .streaming import Animator, load_model
-    from .synthetic import face_images, make_clip, split_faces
+    from ..streaming import Animator, load_model
+    from ..media.synthetic import face_images, make_clip, split_faces
 
     if isinstance(frames, bool) or not isinstance(frames, int) or frames < 2:
         raise DemoError(f"frames must be an integer >= 2, got {frames!r}")

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .ops.reference import make_coordinate_grid
+from ..ops.reference import make_coordinate_grid
 
 Tensor = torch.Tensor
 

@@ -164,7 +164,7 @@ def detect_generator(state_dict: Dict[str, object]) -> Optional[str]:
 def detect_resnet_layers(state_dict: Dict[str, object]) -> Optional[int]:
     """ResNet depth (18, 34, 50, 101, 152) of a monodepth2 encoder state_dict, from its keys; None if
     the layout is none of these."""
-    from .models.depth import RESNET_LAYOUTS
+    from ..models.depth import RESNET_LAYOUTS
 
     kind = "bottleneck" if "encoder.layer1.0.conv3.weight" in state_dict else "basic"
     counts = []
@@ -232,8 +232,9 @@ def load_official(checkpoint: PathLike, depth_encoder: PathLike, depth_decoder: 
     missing keys, unexpected keys and shape mismatches. ``load_discriminator``: also build and load the
     checkpoint's ``discriminator`` (training only).
     """
-    from .models.dagan import DaGAN, GENERATOR_KINDS
-    from .models.depth import RESNET_LAYOUTS
+    from ..models.generator import GENERATOR_KINDS
+    from ..models.registry import model_class
+    from ..models.depth import RESNET_LAYOUTS
 
     if generator not in ("auto", *GENERATOR_KINDS):
         raise ValueError(f"generator must be 'auto', 'plain' or 'spade', got {generator!r}")
@@ -271,7 +272,7 @@ def load_official(checkpoint: PathLike, depth_encoder: PathLike, depth_decoder: 
         if "discriminator" not in parts:
             raise CheckpointError(f"checkpoint {ckpt_path} has no 'discriminator' entry (load_discriminator=True)")
         config["discriminator"] = _discriminator_config(parts["discriminator"])
-    model = DaGAN(config)
+    model = model_class("DaGAN")(config)
 
     gen_hint = ""
     if found_generator and found_generator != config["generator"]:
@@ -321,7 +322,7 @@ def save(model, path: PathLike) -> None:
     """Writes ``model`` (a DaGAN, not folded) as one safetensors file: its state_dict, with the config
     (JSON), the format version, the dagan_fast version and, when the model has an ``image_size`` attribute
     (the side it was trained at), that size in the metadata. Written atomically."""
-    from . import __version__
+    from .._version import __version__
 
     path = os.fspath(path)
     if getattr(model, "inference_only", False):
@@ -354,7 +355,6 @@ def save(model, path: PathLike) -> None:
         raise
 
 
-MODEL_CLASSES = ("DaGAN", "DaGANpp", "FaceDepthNetwork")
 
 
 def read_metadata(path: PathLike, model: Optional[str] = None) -> Dict[str, str]:
@@ -383,9 +383,11 @@ def read_metadata(path: PathLike, model: Optional[str] = None) -> Dict[str, str]
     if version > FORMAT_VERSION:
         raise CheckpointError(f"{path} uses dagan_fast format {version}, newer than this version reads "
                               f"({FORMAT_VERSION}); upgrade dagan_fast")
+    from ..models.registry import model_names
+
     stored = metadata.setdefault(MODEL_KEY, "DaGAN")
-    if stored not in MODEL_CLASSES:
-        raise CheckpointError(f"{path} holds a {stored!r} model; this version reads {', '.join(MODEL_CLASSES)}")
+    if stored not in model_names():
+        raise CheckpointError(f"{path} holds a {stored!r} model; this version reads {', '.join(model_names())}")
     if model is not None and stored != model:
         raise CheckpointError(f"{path} holds a {stored!r} model, not {model} (load it with "
                               f"dagan_fast.{stored}.load or dagan_fast.checkpoints.load)")
@@ -398,9 +400,7 @@ def load(path: PathLike, map_location="cpu", model: Optional[str] = None):
     model was trained at. ``model``: require that class by name."""
     from safetensors.torch import load_file
 
-    from .models.dagan import DaGAN
-    from .models.daganpp import DaGANpp
-    from .models.depth import FaceDepthNetwork
+    from ..models.registry import model_class
 
     path = os.fspath(path)
     metadata = read_metadata(path, model)
@@ -414,8 +414,7 @@ def load(path: PathLike, map_location="cpu", model: Optional[str] = None):
     except Exception as exc:
         raise CheckpointError(f"could not read the tensors of {path}: truncated or corrupt "
                               f"({type(exc).__name__}: {exc})") from exc
-    classes = {"DaGAN": DaGAN, "DaGANpp": DaGANpp, "FaceDepthNetwork": FaceDepthNetwork}
-    net = classes[metadata[MODEL_KEY]](config)
+    net = model_class(metadata[MODEL_KEY])(config)
     load_checked(net, tensors, path, "model")
     if IMAGE_SIZE_KEY in metadata:
         try:

@@ -24,7 +24,7 @@ import cv2
 import numpy as np
 import torch
 
-from .video import VideoReader, _as_rgb_uint8, _describe, _is_path, read_image, resize_square
+from .video import VideoReader, as_rgb_uint8, describe, is_path, read_image, resize_square
 
 __all__ = ["NoFaceError", "FaceDetector", "CropWindow", "crop_window", "window_from_box", "DEFAULT_MARGIN"]
 
@@ -228,7 +228,7 @@ def window_from_box(face: Sequence[float], frame_size: Tuple[int, int], margin: 
 
 def _frames_to_scan(source, max_frames: int, stride: int, what: Optional[str]):
     """(iterator of frames to run the detector on, description of the source, reader to close or None)."""
-    if _is_path(source):
+    if is_path(source):
         reader = VideoReader(source)
         name = what or (f"image {os.fspath(source)}" if reader.kind == "image"
                         else f"the first frames of {os.fspath(source)}")
@@ -237,7 +237,7 @@ def _frames_to_scan(source, max_frames: int, stride: int, what: Optional[str]):
         return (itertools.islice(source._frames(), 0, max_frames * stride, stride),
                 what or f"the first frames of {source.name}", None)
     if isinstance(source, (np.ndarray, torch.Tensor)) and source.ndim != 4:
-        return iter([source]), what or f"the image ({_describe(source)})", None
+        return iter([source]), what or f"the image ({describe(source)})", None
     try:
         iterator = iter(source)
     except TypeError:
@@ -278,7 +278,7 @@ def crop_window(source, margin: float = DEFAULT_MARGIN, detector: Optional[FaceD
     boxes, frame_size, count = [], None, 0
     try:
         for index, frame in enumerate(frames):
-            image = _as_rgb_uint8(frame, what=f"frame {index * stride} of {name}")
+            image = as_rgb_uint8(frame, what=f"frame {index * stride} of {name}")
             size = (image.shape[1], image.shape[0])
             if frame_size is None:
                 frame_size = size

@@ -63,9 +63,9 @@ def add_convert_parser(subparsers) -> argparse.ArgumentParser:
 
 def run_convert(args: argparse.Namespace) -> int:
     """Converts, writes ``args.out``, reloads it to check the round trip, prints a summary; returns 0."""
-    from .cli import CommandError
-    from .checkpoints import CheckpointError, load, save
-    from .models.dagan import DaGAN
+    from .errors import CommandError
+    from ..checkpoints import CheckpointError, load, save
+    from ..models.dagan import DaGAN
 
     out = os.fspath(args.out)
     if os.path.isdir(out):

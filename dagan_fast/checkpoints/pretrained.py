@@ -14,7 +14,7 @@ import torch.nn as nn
 
 __all__ = ["DEFAULT_MODEL_FILE", "default_model_path", "load_default"]
 
-DEFAULT_MODEL_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights",
+DEFAULT_MODEL_FILE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "weights",
                                   "dagan_tiny_synthetic.safetensors")
 
 
@@ -31,6 +31,6 @@ def default_model_path() -> str:
 def load_default(map_location="cpu") -> nn.Module:
     """The bundled tiny DaGAN in eval mode; its ``image_size`` (64) is the side it runs at. Input and output
     images are (B,3,64,64) floats in [0,1]."""
-    from .checkpoints import load
+    from .io import load
 
     return load(default_model_path(), map_location=map_location, model="DaGAN")
