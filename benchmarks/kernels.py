@@ -142,6 +142,13 @@ def bench_attention(device, full: bool, meta: dict) -> List[dict]:
 
 
 # ---------------------------------------------------------------- motion
+def _inverse(jac: torch.Tensor) -> torch.Tensor:
+    """torch.inverse of (B,K,2,2) Jacobians; float16/bfloat16 go through float32 (linalg.inv refuses them)."""
+    if jac.dtype in (torch.float16, torch.bfloat16):
+        return torch.inverse(jac.float()).to(jac.dtype)
+    return torch.inverse(jac)
+
+
 def official_sparse_motion_inputs(source, kp_s, jac_s, kp_d, jac_d, variance=0.01):
     """The official DaGAN/FOMM formulation: materialised motions, per-pixel torch.inverse."""
     B, C, H, W = source.shape
@@ -155,7 +162,7 @@ def official_sparse_motion_inputs(source, kp_s, jac_s, kp_d, jac_d, variance=0.0
     heat = gaussian(kp_d) - gaussian(kp_s)
     heat = torch.cat([torch.zeros(B, 1, H, W, dtype=heat.dtype, device=heat.device), heat], 1).unsqueeze(2)
     coords = grid.view(1, 1, H, W, 2) - kp_d.view(B, K, 1, 1, 2)
-    jac = torch.matmul(jac_s, torch.inverse(jac_d)).unsqueeze(-3).unsqueeze(-3).repeat(1, 1, H, W, 1, 1)
+    jac = torch.matmul(jac_s, _inverse(jac_d)).unsqueeze(-3).unsqueeze(-3).repeat(1, 1, H, W, 1, 1)
     coords = torch.matmul(jac, coords.unsqueeze(-1)).squeeze(-1)
     motions = torch.cat([grid.view(1, 1, H, W, 2).repeat(B, 1, 1, 1, 1), coords + kp_s.view(B, K, 1, 1, 2)], 1)
     rep = source.unsqueeze(1).unsqueeze(1).repeat(1, K + 1, 1, 1, 1, 1).view(B * (K + 1), C, H, W)
@@ -170,7 +177,7 @@ def official_dense_motion(mask_logits, kp_s, jac_s, kp_d, jac_d):
     K = K1 - 1
     grid = reference.make_coordinate_grid(H, W, mask_logits.dtype, mask_logits.device)
     coords = grid.view(1, 1, H, W, 2) - kp_d.view(B, K, 1, 1, 2)
-    jac = torch.matmul(jac_s, torch.inverse(jac_d)).unsqueeze(-3).unsqueeze(-3).repeat(1, 1, H, W, 1, 1)
+    jac = torch.matmul(jac_s, _inverse(jac_d)).unsqueeze(-3).unsqueeze(-3).repeat(1, 1, H, W, 1, 1)
     coords = torch.matmul(jac, coords.unsqueeze(-1)).squeeze(-1)
     motions = torch.cat([grid.view(1, 1, H, W, 2).repeat(B, 1, 1, 1, 1), coords + kp_s.view(B, K, 1, 1, 2)], 1)
     mask = F.softmax(mask_logits, dim=1)

@@ -8,7 +8,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-import dagan_fast
 from dagan_fast import _backends, ops
 from dagan_fast._extension import extension, has_kernel
 

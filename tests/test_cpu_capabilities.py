@@ -22,19 +22,21 @@ ROOT = Path(__file__).resolve().parents[1]
 CHECKS = Path(__file__).resolve().parent / "_cpu_kernel_checks.py"
 LEVELS = ("default", "avx2", "avx512")
 
-pytestmark = pytest.mark.skipif(not (extension().loaded and has_kernel("cpu_capability", "CompositeExplicitAutograd")),
-                                reason="needs the compiled op library with the cpu_capability op")
+pytestmark = pytest.mark.skipif(
+    not (extension().loaded and has_kernel("cpu_capability", "CompositeExplicitAutograd")),
+    reason="needs the compiled op library with the cpu_capability op")
 
 
 def _run(code_or_path, env_extra, timeout=600):
+    """Runs a script file or ``-c`` code in a fresh interpreter with only ``env_extra``'s CPU switches."""
     env = {k: v for k, v in os.environ.items()
            if k not in ("ATEN_CPU_CAPABILITY", "DAGAN_FAST_CPU_CAPABILITY", "DAGAN_FAST_CPU_AVX512BF16",
                         "DAGAN_FAST_WARP_SCALAR", "DAGAN_FAST_BACKEND")}
     env.update(env_extra)
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
-    args = [sys.executable, str(code_or_path)] if isinstance(code_or_path, Path) else [sys.executable, "-c", code_or_path]
-    proc = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-    return proc
+    args = [sys.executable, str(code_or_path)] if isinstance(code_or_path, Path) else \
+        [sys.executable, "-c", code_or_path]
+    return subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 PROBE = "import dagan_fast, torch; print(torch.ops.dagan_fast.cpu_capability()); print(torch.backends.cpu.get_cpu_capability())"
@@ -94,7 +96,8 @@ def test_aten_variable_alone_sets_ours_and_ours_wins():
 
 def test_unknown_level_is_named():
     proc = _run(PROBE, {"DAGAN_FAST_CPU_CAPABILITY": "avx9"})
-    assert proc.returncode != 0 and "DAGAN_FAST_CPU_CAPABILITY must be default, avx2 or avx512, got 'avx9'" in proc.stderr
+    assert proc.returncode != 0
+    assert "DAGAN_FAST_CPU_CAPABILITY must be default, avx2 or avx512, got 'avx9'" in proc.stderr
     proc = _run("from dagan_fast._extension import cpu_capability; cpu_capability()",
                 {"DAGAN_FAST_CPU_CAPABILITY": "avx9"})
     assert "ValueError: DAGAN_FAST_CPU_CAPABILITY must be" in proc.stderr

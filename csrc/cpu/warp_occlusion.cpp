@@ -1237,6 +1237,34 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> warp_occlusion_backward(
   const at::Tensor* occ = occlusion.has_value() ? &occlusion.value() : nullptr;
   const bool want_input = output_mask[0], want_grid = output_mask[1], want_occ = output_mask[2] && occ;
   const int64_t B = input.size(0), Ho = grid.size(1), Wo = grid.size(2);
+#ifdef DAGAN_WARP_HAVE_AVX2
+  if (input.scalar_type() == at::kBFloat16 && grad_output.numel() > 0 &&
+      use_avx2_path(make_geometry(input, grid, occ, grad_output))) {
+    // bfloat16: the float32 vector backward on exact float32 copies (same layouts; the input only when
+    // the grid or occlusion gradient reads its values), gradients summed in float32 and rounded to
+    // bfloat16 once. Every output is a fresh conversion: nothing poisoned is left unwritten.
+    const bool coords = want_grid || want_occ;
+    const at::Tensor input32 = coords ? input.to(at::kFloat) : at::Tensor();
+    const at::Tensor grid32 = grid.to(at::kFloat), go32 = grad_output.to(at::kFloat);
+    const at::Tensor occ32 = occ ? occ->to(at::kFloat) : at::Tensor();
+    const auto g32 = make_geometry(coords ? input32 : input, grid32, occ ? &occ32 : nullptr, go32);
+    if (use_avx2_path(g32)) {
+      const auto f32 = grid.options().dtype(at::kFloat);
+      at::Tensor gi32 = want_input ? at::zeros(input.sizes(), f32) : at::Tensor();
+      at::Tensor gg32 = want_grid ? at::empty({B, Ho, Wo, 2}, f32) : at::Tensor();
+      at::Tensor gocc32 = want_occ ? at::empty({B, 1, Ho, Wo}, f32) : at::Tensor();
+      backward_avx2(g32, go32.const_data_ptr<float>(), coords ? input32.const_data_ptr<float>() : nullptr,
+                    grid32.const_data_ptr<float>(), occ ? occ32.const_data_ptr<float>() : nullptr,
+                    want_grid ? gg32.mutable_data_ptr<float>() : nullptr,
+                    want_occ ? gocc32.mutable_data_ptr<float>() : nullptr,
+                    want_input ? gi32.mutable_data_ptr<float>() : nullptr);
+      const auto bf16 = at::kBFloat16;
+      return {want_input ? gi32.to(bf16) : at::empty({0}, input.options()),
+              want_grid ? gg32.to(bf16) : at::empty({0}, grid.options()),
+              want_occ ? gocc32.to(bf16) : at::empty({0}, grid.options())};
+    }
+  }
+#endif
   at::Tensor grad_input = want_input ? at::zeros(input.sizes(), input.options()) : at::empty({0}, input.options());
   at::Tensor grad_grid = want_grid ? at::empty({B, Ho, Wo, 2}, grid.options()) : at::empty({0}, grid.options());
   at::Tensor grad_occ = want_occ ? at::empty({B, 1, Ho, Wo}, grid.options()) : at::empty({0}, grid.options());
@@ -1257,27 +1285,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> warp_occlusion_backward(
                   want_occ ? grad_occ.mutable_data_ptr<float>() : nullptr,
                   want_input ? grad_input.mutable_data_ptr<float>() : nullptr);
     return {grad_input, grad_grid, grad_occ};
-  }
-  if (input.scalar_type() == at::kBFloat16 && use_avx2_path(g)) {
-    // bfloat16: the float32 vector backward on exact float32 copies (same layouts), gradients summed
-    // in float32 and rounded to bfloat16 once.
-    const at::Tensor input32 = input.to(at::kFloat), grid32 = grid.to(at::kFloat), go32 = grad_output.to(at::kFloat);
-    const at::Tensor occ32 = occ ? occ->to(at::kFloat) : at::Tensor();
-    const auto g32 = make_geometry(input32, grid32, occ ? &occ32 : nullptr, go32);
-    if (use_avx2_path(g32)) {
-      const auto f32 = grid.options().dtype(at::kFloat);
-      at::Tensor gi32 = want_input ? at::zeros(input.sizes(), f32) : at::Tensor();
-      at::Tensor gg32 = want_grid ? at::empty({B, Ho, Wo, 2}, f32) : at::Tensor();
-      at::Tensor go32_occ = want_occ ? at::empty({B, 1, Ho, Wo}, f32) : at::Tensor();
-      backward_avx2(g32, go32.const_data_ptr<float>(), input32.const_data_ptr<float>(), grid32.const_data_ptr<float>(),
-                    occ ? occ32.const_data_ptr<float>() : nullptr, want_grid ? gg32.mutable_data_ptr<float>() : nullptr,
-                    want_occ ? go32_occ.mutable_data_ptr<float>() : nullptr,
-                    want_input ? gi32.mutable_data_ptr<float>() : nullptr);
-      if (want_input) grad_input.copy_(gi32);
-      if (want_grid) grad_grid.copy_(gg32);
-      if (want_occ) grad_occ.copy_(go32_occ);
-      return {grad_input, grad_grid, grad_occ};
-    }
   }
 #endif
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "warp_occlusion_bwd_cpu", [&] {

@@ -214,6 +214,8 @@ def check_keypoint_dtypes(op: str, image_name: str, image: Tensor, kp_source: Te
 
 
 def _keypoints_for(backend: str, image: Tensor, *keypoints: Optional[Tensor]):
+    """(kp_source, jac_source, kp_driving, jac_driving) as ``backend`` takes them: unchanged, or cast to
+    the image's dtype for backends outside MIXED_KEYPOINT_BACKENDS (None stays None)."""
     if keypoints[0].dtype == image.dtype or backend in MIXED_KEYPOINT_BACKENDS:
         return keypoints
     return tuple(t.to(image.dtype) if t is not None else None for t in keypoints)
