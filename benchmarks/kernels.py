@@ -37,6 +37,7 @@ def backends_with(op: str, device: torch.device) -> List[str]:
     return names
 
 
+CPU_TAG = ""  # appended to the device column on the CPU: the vector levels of our kernels and of ATen
 REPEATS: Optional[int] = None  # timed calls per pass (--repeats; default 10 on a GPU, 3 on the CPU)
 
 
@@ -75,7 +76,7 @@ def report(rows: List[dict], op: str, shape: str, baseline: str, results: Dict[s
             rate = work[pass_name] / (ms * 1e-3) / (1e9 if unit == "GB/s" else 1e12)
             row = {"op": op, "shape": shape, "pass": pass_name, "backend": name, "ms": round(ms, 4),
                    unit.replace("/", "_per_"): round(rate, 3), "speedup_vs_pytorch": round(base_ms / ms, 3),
-                   "device": device_name(device), **meta}
+                   "device": device_name(device) + CPU_TAG, **meta}
             rows.append(row)
             print(f"{op:22s} {shape:34s} {pass_name:17s} {name:12s} {ms:10.3f} ms {rate:9.2f} {unit:7s} "
                   f"x{base_ms / ms:6.2f}")
@@ -313,12 +314,15 @@ def main(argv: Optional[List[str]] = None) -> None:
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: torch.cuda.is_available() is False")
     meta = versions()
+    global CPU_TAG
     try:  # the vector level of our CPU kernels (DAGAN_FAST_CPU_CAPABILITY / ATEN_CPU_CAPABILITY, capped by the CPU)
-        meta["cpu_capability"] = str(torch.ops.dagan_fast.cpu_capability())
+        capability = str(torch.ops.dagan_fast.cpu_capability())
     except (AttributeError, RuntimeError):  # no compiled library, or one older than the switch
-        meta["cpu_capability"] = "none"
+        capability = "none"
+    if device.type == "cpu":
+        CPU_TAG = f" [ours {capability}, ATen {torch.backends.cpu.get_cpu_capability()}]"
     print(f"device: {device_name(device)} | torch {meta['torch']} | triton {meta['triton']} | commit {meta['commit']}"
-          f" | our CPU kernels: {meta['cpu_capability']}, ATen: {torch.backends.cpu.get_cpu_capability()}")
+          f"{CPU_TAG}")
     print("ratio: PyTorch time / backend time (>1: faster than PyTorch)")
     rows: List[dict] = []
     for name in (BENCHES if args.which == "all" else [args.which]):
