@@ -61,12 +61,13 @@ def time_ms(fn: Callable[[], object], device: torch.device, *, warmup: int = 3, 
 
 
 def append_csv(path: str, rows: List[Dict[str, object]]) -> None:
-    """Appends rows (dicts with the same keys) to ``path``, writing the header for a new file. Rows with
-    columns the file lacks rewrite it with the widened header (older rows get those cells empty)."""
+    """Appends rows (dicts) to ``path``, writing the header for a new file. Rows with columns the file
+    lacks (or that other rows lack, e.g. GB/s next to TFLOP/s) rewrite it with the widened header; missing
+    cells are empty."""
     if not rows:
         return
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    fields = list(rows[0].keys())
+    fields = list(dict.fromkeys(key for row in rows for key in row))  # every row's columns, first-seen order
     old_rows: List[Dict[str, object]] = []
     if os.path.exists(path):
         with open(path, newline="") as handle:

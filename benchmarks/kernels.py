@@ -1,9 +1,10 @@
 """Times each dagan_fast op per backend against the plain PyTorch formulation, in one run.
 
-    python benchmarks/kernels.py [warp|attention|motion|all] [--device cpu|cuda] [--full] [--csv PATH]
+    python benchmarks/kernels.py [warp|attention|motion|bf16|all] [--device cpu|cuda] [--full] [--csv PATH]
 
 Prints per shape and pass (forward, backward, forward+backward): ms, achieved GB/s (warp, motion:
-bytes read once + written once) or TFLOP/s (attention), and the speed ratio against PyTorch. Rows
+bytes read once + written once) or TFLOP/s (attention), and the speed ratio against PyTorch; `bf16`
+(CPU) runs one bfloat16 shape per op against PyTorch in bfloat16. Rows
 are appended to benchmarks/results/kernels-<device>.csv with device, versions, commit and date.
 """
 from __future__ import annotations
@@ -36,6 +37,7 @@ def backends_with(op: str, device: torch.device) -> List[str]:
     return names
 
 
+CPU_TAG = ""  # appended to the device column on the CPU: the vector levels of our kernels and of ATen
 REPEATS: Optional[int] = None  # timed calls per pass (--repeats; default 10 on a GPU, 3 on the CPU)
 
 
@@ -74,7 +76,7 @@ def report(rows: List[dict], op: str, shape: str, baseline: str, results: Dict[s
             rate = work[pass_name] / (ms * 1e-3) / (1e9 if unit == "GB/s" else 1e12)
             row = {"op": op, "shape": shape, "pass": pass_name, "backend": name, "ms": round(ms, 4),
                    unit.replace("/", "_per_"): round(rate, 3), "speedup_vs_pytorch": round(base_ms / ms, 3),
-                   "device": device_name(device), **meta}
+                   "device": device_name(device) + CPU_TAG, **meta}
             rows.append(row)
             print(f"{op:22s} {shape:34s} {pass_name:17s} {name:12s} {ms:10.3f} ms {rate:9.2f} {unit:7s} "
                   f"x{base_ms / ms:6.2f}")
@@ -141,6 +143,13 @@ def bench_attention(device, full: bool, meta: dict) -> List[dict]:
 
 
 # ---------------------------------------------------------------- motion
+def _inverse(jac: torch.Tensor) -> torch.Tensor:
+    """torch.inverse of (B,K,2,2) Jacobians; float16/bfloat16 go through float32 (linalg.inv refuses them)."""
+    if jac.dtype in (torch.float16, torch.bfloat16):
+        return torch.inverse(jac.float()).to(jac.dtype)
+    return torch.inverse(jac)
+
+
 def official_sparse_motion_inputs(source, kp_s, jac_s, kp_d, jac_d, variance=0.01):
     """The official DaGAN/FOMM formulation: materialised motions, per-pixel torch.inverse."""
     B, C, H, W = source.shape
@@ -154,7 +163,7 @@ def official_sparse_motion_inputs(source, kp_s, jac_s, kp_d, jac_d, variance=0.0
     heat = gaussian(kp_d) - gaussian(kp_s)
     heat = torch.cat([torch.zeros(B, 1, H, W, dtype=heat.dtype, device=heat.device), heat], 1).unsqueeze(2)
     coords = grid.view(1, 1, H, W, 2) - kp_d.view(B, K, 1, 1, 2)
-    jac = torch.matmul(jac_s, torch.inverse(jac_d)).unsqueeze(-3).unsqueeze(-3).repeat(1, 1, H, W, 1, 1)
+    jac = torch.matmul(jac_s, _inverse(jac_d)).unsqueeze(-3).unsqueeze(-3).repeat(1, 1, H, W, 1, 1)
     coords = torch.matmul(jac, coords.unsqueeze(-1)).squeeze(-1)
     motions = torch.cat([grid.view(1, 1, H, W, 2).repeat(B, 1, 1, 1, 1), coords + kp_s.view(B, K, 1, 1, 2)], 1)
     rep = source.unsqueeze(1).unsqueeze(1).repeat(1, K + 1, 1, 1, 1, 1).view(B * (K + 1), C, H, W)
@@ -169,7 +178,7 @@ def official_dense_motion(mask_logits, kp_s, jac_s, kp_d, jac_d):
     K = K1 - 1
     grid = reference.make_coordinate_grid(H, W, mask_logits.dtype, mask_logits.device)
     coords = grid.view(1, 1, H, W, 2) - kp_d.view(B, K, 1, 1, 2)
-    jac = torch.matmul(jac_s, torch.inverse(jac_d)).unsqueeze(-3).unsqueeze(-3).repeat(1, 1, H, W, 1, 1)
+    jac = torch.matmul(jac_s, _inverse(jac_d)).unsqueeze(-3).unsqueeze(-3).repeat(1, 1, H, W, 1, 1)
     coords = torch.matmul(jac, coords.unsqueeze(-1)).squeeze(-1)
     motions = torch.cat([grid.view(1, 1, H, W, 2).repeat(B, 1, 1, 1, 1), coords + kp_s.view(B, K, 1, 1, 2)], 1)
     mask = F.softmax(mask_logits, dim=1)
@@ -212,7 +221,83 @@ def bench_motion(device, full: bool, meta: dict) -> List[dict]:
     return rows
 
 
-BENCHES = {"warp": bench_warp, "attention": bench_attention, "motion": bench_motion}
+# ---------------------------------------------------------------- bfloat16 (CPU)
+def bench_bf16(device, full: bool, meta: dict) -> List[dict]:
+    """One bfloat16 row per op on the CPU: the kernels against the plain PyTorch formulation run in
+    bfloat16 (motion: float32 keypoints with a bfloat16 image, the models' contract)."""
+    if device.type != "cpu":
+        return []
+    bf16 = torch.bfloat16
+    rows: List[dict] = []
+
+    def cpu_backends(op):  # the Triton interpreter does not take bfloat16
+        return [n for n in backends_with(op, device) if n != "triton"]
+
+    for B, C, H, W, layout in [(1, 256, 64, 64, "nchw"), (1, 256, 64, 64, "channels_last")]:
+        fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+        x = torch.randn(B, C, H, W, dtype=bf16).contiguous(memory_format=fmt).requires_grad_()
+        grid = ((torch.rand(B, H, W, 2) * 2 - 1) * 1.05).to(bf16).requires_grad_()
+        occ = torch.rand(B, 1, H, W).to(bf16).requires_grad_()
+        inputs = [x, grid, occ]
+        results = {"pytorch": timed_passes(
+            lambda: F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False) * occ,
+            inputs, device)}
+        for name in cpu_backends("warp_occlusion"):
+            results[name] = timed_passes(
+                lambda name=name: dagan_fast.ops.warp_occlusion(x, grid, occ, backend=name), inputs, device)
+        e = x.element_size()
+        fwd_bytes = e * (B * C * H * W * 2 + B * H * W * 3)
+        bwd_bytes = e * (B * C * H * W * 3 + B * H * W * 6)
+        work = {"forward": fwd_bytes, "backward": bwd_bytes, "forward+backward": fwd_bytes + bwd_bytes}
+        shape = f"B{B} C{C} {H}x{W} bfloat16" + (" channels_last" if layout == "channels_last" else "")
+        report(rows, "warp_occlusion", shape, "pytorch", results, work, "GB/s", device, meta)
+
+    for B, Hh, N, Dqk, Dv, scale in [(1, 1, 4096, 32, 256, 1.0), (1, 1, 1024, 64, 64, None)]:
+        q, k, v = (torch.randn(B, Hh, N, d, dtype=bf16, requires_grad=True) for d in (Dqk, Dqk, Dv))
+        inputs = [q, k, v]
+        s = 1.0 / math.sqrt(Dqk) if scale is None else scale
+        results = {"sdpa": timed_passes(lambda: F.scaled_dot_product_attention(q, k, v, scale=s), inputs, device)}
+        for name in cpu_backends("cross_modal_attention"):
+            results[name] = timed_passes(
+                lambda name=name: dagan_fast.ops.cross_modal_attention(q, k, v, s, backend=name), inputs, device)
+        fwd_flops = 2.0 * B * Hh * N * N * (Dqk + Dv)
+        bwd_flops = 2.0 * B * Hh * N * N * (3 * Dqk + 2 * Dv)
+        work = {"forward": fwd_flops, "backward": bwd_flops, "forward+backward": fwd_flops + bwd_flops}
+        report(rows, "cross_modal_attention", f"B{B} H{Hh} N{N} Dqk{Dqk} Dv{Dv} bfloat16", "sdpa", results, work,
+               "TFLOP/s", device, meta)
+
+    B, K, C, H, W = 8, 15, 3, 64, 64
+    source = torch.rand(B, C, H, W).to(bf16).requires_grad_()
+    logits = torch.randn(B, K + 1, H, W).to(bf16).requires_grad_()
+    kp_s = (torch.rand(B, K, 2) * 2 - 1).requires_grad_()
+    kp_d = (torch.rand(B, K, 2) * 2 - 1).requires_grad_()
+    eye = torch.eye(2)
+    jac_s = (eye + 0.2 * torch.randn(B, K, 2, 2)).requires_grad_()
+    jac_d = (eye + 0.2 * torch.randn(B, K, 2, 2)).requires_grad_()
+    kps = [kp_s, jac_s, kp_d, jac_d]
+    as_bf16 = lambda: [t.to(bf16) for t in kps]  # noqa: E731 - the official code would run all in bfloat16
+    inputs = [source, *kps]
+    results = {"official": timed_passes(lambda: official_sparse_motion_inputs(source, *as_bf16()), inputs, device)}
+    for name in cpu_backends("sparse_motion_inputs"):
+        results[name] = timed_passes(
+            lambda name=name: dagan_fast.ops.sparse_motion_inputs(source, *kps, backend=name), inputs, device)
+    e = source.element_size()
+    fwd_bytes = e * B * (K + 1) * (C + 1) * H * W + e * B * C * H * W
+    work = {"forward": fwd_bytes, "backward": 2 * fwd_bytes, "forward+backward": 3 * fwd_bytes}
+    report(rows, "sparse_motion_inputs", f"B{B} K{K} C{C} {H}x{W} bfloat16", "official", results, work, "GB/s",
+           device, meta)
+    inputs = [logits, *kps]
+    results = {"official": timed_passes(lambda: official_dense_motion(logits, *as_bf16()), inputs, device)}
+    for name in cpu_backends("dense_motion"):
+        results[name] = timed_passes(
+            lambda name=name: dagan_fast.ops.dense_motion(logits, *kps, backend=name), inputs, device)
+    fwd_bytes = e * B * H * W * (2 * (K + 1) + 2)
+    work = {"forward": fwd_bytes, "backward": 2 * fwd_bytes, "forward+backward": 3 * fwd_bytes}
+    report(rows, "dense_motion", f"B{B} K{K} {H}x{W} bfloat16", "official", results, work, "GB/s", device, meta)
+    return rows
+
+
+BENCHES = {"warp": bench_warp, "attention": bench_attention, "motion": bench_motion, "bf16": bench_bf16}
 
 
 def main(argv: Optional[List[str]] = None) -> None:
@@ -229,7 +314,15 @@ def main(argv: Optional[List[str]] = None) -> None:
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: torch.cuda.is_available() is False")
     meta = versions()
-    print(f"device: {device_name(device)} | torch {meta['torch']} | triton {meta['triton']} | commit {meta['commit']}")
+    global CPU_TAG
+    try:  # the vector level of our CPU kernels (DAGAN_FAST_CPU_CAPABILITY / ATEN_CPU_CAPABILITY, capped by the CPU)
+        capability = str(torch.ops.dagan_fast.cpu_capability())
+    except (AttributeError, RuntimeError):  # no compiled library, or one older than the switch
+        capability = "none"
+    if device.type == "cpu":
+        CPU_TAG = f" [ours {capability}, ATen {torch.backends.cpu.get_cpu_capability()}]"
+    print(f"device: {device_name(device)} | torch {meta['torch']} | triton {meta['triton']} | commit {meta['commit']}"
+          f"{CPU_TAG}")
     print("ratio: PyTorch time / backend time (>1: faster than PyTorch)")
     rows: List[dict] = []
     for name in (BENCHES if args.which == "all" else [args.which]):

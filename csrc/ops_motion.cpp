@@ -8,6 +8,7 @@
 
 #include "cpu/motion.h"
 #include "cuda_host.h"
+#include "motion_checks.h"
 #include "op_support.h"
 #ifdef DAGAN_FAST_WITH_CUDA
 #include "cuda/motion_launchers.h"
@@ -56,7 +57,7 @@ at::Tensor from_acc(const at::Tensor& acc, const at::Tensor& like) {
 at::Tensor sparse_forward_cuda(const at::Tensor& source, const at::Tensor& kp_source,
                                const c10::optional<at::Tensor>& jac_source, const at::Tensor& kp_driving,
                                const c10::optional<at::Tensor>& jac_driving, double variance) {
-  const int64_t K = check_sparse_args(source, kp_source, jac_source, kp_driving, jac_driving, variance);
+  const int64_t K = check_sparse_args(source, kp_source, jac_source, kp_driving, jac_driving, variance, false);
   c10::DeviceGuard guard(source.device());
   const int64_t B = source.size(0), C = source.size(1), H = source.size(2), W = source.size(3);
   auto out = at::empty({B, (K + 1) * (C + 1), H, W}, source.options());
@@ -76,7 +77,7 @@ at::Tensor sparse_forward_cuda(const at::Tensor& source, const at::Tensor& kp_so
 Grads5 sparse_backward_cuda(const at::Tensor& grad, const at::Tensor& source, const at::Tensor& kp_source,
                             const c10::optional<at::Tensor>& jac_source, const at::Tensor& kp_driving,
                             const c10::optional<at::Tensor>& jac_driving, double variance, std::array<bool, 5> mask) {
-  const int64_t K = check_sparse_args(source, kp_source, jac_source, kp_driving, jac_driving, variance);
+  const int64_t K = check_sparse_args(source, kp_source, jac_source, kp_driving, jac_driving, variance, false);
   const int64_t B = source.size(0), C = source.size(1), H = source.size(2), W = source.size(3);
   check_grad_shape("sparse_motion_inputs backward: grad", grad, {B, (K + 1) * (C + 1), H, W}, source);
   c10::DeviceGuard guard(source.device());
@@ -105,7 +106,7 @@ std::tuple<at::Tensor, at::Tensor> dense_forward_cuda(const at::Tensor& mask_log
                                                       const c10::optional<at::Tensor>& jac_source,
                                                       const at::Tensor& kp_driving,
                                                       const c10::optional<at::Tensor>& jac_driving) {
-  const int64_t K = check_dense_args(mask_logits, kp_source, jac_source, kp_driving, jac_driving);
+  const int64_t K = check_dense_args(mask_logits, kp_source, jac_source, kp_driving, jac_driving, false);
   c10::DeviceGuard guard(mask_logits.device());
   const int64_t B = mask_logits.size(0), H = mask_logits.size(2), W = mask_logits.size(3);
   auto deformation = at::empty({B, H, W, 2}, mask_logits.options());
@@ -129,7 +130,7 @@ Grads5 dense_backward_cuda(const at::Tensor& grad_deformation, const at::Tensor&
                            const at::Tensor& mask_logits, const at::Tensor& kp_source,
                            const c10::optional<at::Tensor>& jac_source, const at::Tensor& kp_driving,
                            const c10::optional<at::Tensor>& jac_driving, std::array<bool, 5> mask) {
-  const int64_t K = check_dense_args(mask_logits, kp_source, jac_source, kp_driving, jac_driving);
+  const int64_t K = check_dense_args(mask_logits, kp_source, jac_source, kp_driving, jac_driving, false);
   const int64_t B = mask_logits.size(0), H = mask_logits.size(2), W = mask_logits.size(3);
   check_grad_shape("dense_motion backward: grad_deformation", grad_deformation, {B, H, W, 2}, mask_logits);
   check_grad_shape("dense_motion backward: grad_mask", grad_mask, mask_logits.sizes(), mask_logits);

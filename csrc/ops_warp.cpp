@@ -10,6 +10,7 @@
 #include "cpu/warp_occlusion.h"
 #include "cuda_host.h"
 #include "op_support.h"
+#include "warp_checks.h"
 #ifdef DAGAN_FAST_WITH_CUDA
 #include "cuda/warp_launchers.h"
 #endif

@@ -3,7 +3,10 @@
 // raw cpublas::gemm entry points are not exported by libtorch), with the online softmax of
 // common/online_softmax.h in between on the raw score rows. Backward: parallel over (batch*head, key range); each task
 // owns its key rows of dK and dV, and dQ goes to a per-split partial buffer that is summed in a
-// fixed order afterwards, so results are deterministic for a given thread count.
+// fixed order afterwards, so results are deterministic for a given thread count. float16/bfloat16
+// operands are widened to float32 once (exactly), every product and sum is float32, and the
+// outputs are rounded once. The block GEMMs run in ATen's BLAS (MKL/OpenBLAS choose their own
+// vector ISA); the softmax row loops between them follow capability().
 #include "attention.h"
 
 #include <algorithm>
@@ -21,6 +24,7 @@
 
 #include "../common/online_softmax.h"
 #include "../op_support.h"
+#include "capability.h"
 
 namespace dagan_fast {
 namespace cpu {
@@ -53,7 +57,7 @@ void add_mm_atb(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, doubl
 // flops of GEMM), and libm's expf does not vectorise without -ffast-math. This exp is a branch-free
 // Cody-Waite reduction plus a degree-6 polynomial (relative error ~2e-7, below the float32 noise of
 // the scores themselves) that the compiler turns into SIMD code; arguments below -87 give exactly 0.
-inline float exp_nonpositive(float x) {
+__attribute__((always_inline)) inline float exp_nonpositive(float x) {
   const float xc = std::min(std::max(x, -87.0f), 88.0f);
   const float round_magic = 12582912.0f;  // 1.5 * 2^23: adding and subtracting it rounds to an integer
   const float n = (xc * 1.44269504088896341f + round_magic) - round_magic;
@@ -71,16 +75,33 @@ inline float exp_nonpositive(float x) {
   return x < -87.0f ? 0.0f : e;
 }
 
-// Compiled once per ISA level and picked at load time (ifunc), so the SIMD loops use AVX2/AVX-512
-// where the CPU has them while the library stays portable to any x86-64.
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define DAGAN_CPU_SIMD_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+// The float32 row loops below are written once (the *_body functions, always inlined) and compiled
+// three times: baseline x86-64, AVX2 and AVX-512 (512-bit vectors); capability() picks one per call
+// (DAGAN_FAST_CPU_CAPABILITY / ATEN_CPU_CAPABILITY, capped by the CPU). Element-wise results are
+// the same at every level; the sums and maxima of a row are reduced in a lane order that depends on
+// the vector width, so they may differ in the last bits between levels (never between runs).
+#if defined(__GNUC__) && defined(__x86_64__)
+#define DAGAN_TARGET_AVX2 __attribute__((target("avx2")))
+#define DAGAN_TARGET_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,prefer-vector-width=512")))
 #else
-#define DAGAN_CPU_SIMD_CLONES
+#define DAGAN_TARGET_AVX2
+#define DAGAN_TARGET_AVX512
 #endif
 
-// x[i] = exp(x[i] - shift) in place; returns the sum of the new values (fixed order per build).
-DAGAN_CPU_SIMD_CLONES float exp_shift_sum(float* x, int64_t n, float shift) {
+#define DAGAN_SIMD_VARIANTS(ret, name, params, args)                      \
+  ret name##_default params { return name##_body args; }                \
+  DAGAN_TARGET_AVX2 ret name##_avx2 params { return name##_body args; } \
+  DAGAN_TARGET_AVX512 ret name##_avx512 params { return name##_body args; } \
+  ret name params {                                                      \
+    switch (capability()) {                                              \
+      case Capability::kAVX512: return name##_avx512 args;               \
+      case Capability::kAVX2: return name##_avx2 args;                   \
+      default: return name##_default args;                               \
+    }                                                                    \
+  }
+
+// x[i] = exp(x[i] - shift) in place; returns the sum of the new values (fixed order per level).
+__attribute__((always_inline)) inline float exp_shift_sum_body(float* x, int64_t n, float shift) {
   float sum = 0.0f;
 #pragma omp simd reduction(+ : sum)
   for (int64_t i = 0; i < n; ++i) {
@@ -90,6 +111,7 @@ DAGAN_CPU_SIMD_CLONES float exp_shift_sum(float* x, int64_t n, float shift) {
   }
   return sum;
 }
+DAGAN_SIMD_VARIANTS(float, exp_shift_sum, (float* x, int64_t n, float shift), (x, n, shift))
 
 double exp_shift_sum(double* x, int64_t n, double shift) {
   double sum = 0.0;
@@ -100,12 +122,13 @@ double exp_shift_sum(double* x, int64_t n, double shift) {
   return sum;
 }
 
-DAGAN_CPU_SIMD_CLONES float row_max(const float* x, int64_t n) {
+__attribute__((always_inline)) inline float row_max_body(const float* x, int64_t n) {
   float m = -INFINITY;
 #pragma omp simd reduction(max : m)
   for (int64_t i = 0; i < n; ++i) m = std::max(m, x[i]);
   return m;
 }
+DAGAN_SIMD_VARIANTS(float, row_max, (const float* x, int64_t n), (x, n))
 
 double row_max(const double* x, int64_t n) {
   double m = -INFINITY;
@@ -114,17 +137,25 @@ double row_max(const double* x, int64_t n) {
 }
 
 // Backward: P = exp(S - lse) and then dS = P * (dP - delta), row by row.
-DAGAN_CPU_SIMD_CLONES void exp_shift(float* x, int64_t n, float shift) {
+__attribute__((always_inline)) inline void exp_shift_body(float* x, int64_t n, float shift) {
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) x[i] = exp_nonpositive(x[i] - shift);
 }
+DAGAN_SIMD_VARIANTS(void, exp_shift, (float* x, int64_t n, float shift), (x, n, shift))
 
 void exp_shift(double* x, int64_t n, double shift) {
   for (int64_t i = 0; i < n; ++i) x[i] = sm::softmax_prob_from_lse(x[i], shift);
 }
 
-template <typename T>
-void grad_scores(const T* prob, T* dprob, int64_t n, T delta) {
+// dS = P * (dP - delta) in place of dP (element-wise: the same bits at every level).
+__attribute__((always_inline)) inline void grad_scores_body(const float* prob, float* dprob, int64_t n, float delta) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) dprob[i] = sm::softmax_grad_score(prob[i], dprob[i], delta);
+}
+DAGAN_SIMD_VARIANTS(void, grad_scores, (const float* prob, float* dprob, int64_t n, float delta),
+                    (prob, dprob, n, delta))
+
+void grad_scores(const double* prob, double* dprob, int64_t n, double delta) {
   for (int64_t i = 0; i < n; ++i) dprob[i] = sm::softmax_grad_score(prob[i], dprob[i], delta);
 }
 

@@ -46,10 +46,9 @@ inline scalar_t to_output(acc_t v) {
 }
 
 // Keypoint inputs of every (b, k), gathered once through the strides, in the accumulation type.
-template <typename scalar_t, typename acc_t>
-std::vector<KeypointParams<acc_t>> gather_keypoints(const MotionGeometry& g, const scalar_t* kps,
-                                                    const scalar_t* jacs, const scalar_t* kpd,
-                                                    const scalar_t* jacd) {
+template <typename kp_t, typename acc_t>
+std::vector<KeypointParams<acc_t>> gather_keypoints(const MotionGeometry& g, const kp_t* kps, const kp_t* jacs,
+                                                    const kp_t* kpd, const kp_t* jacd) {
   std::vector<KeypointParams<acc_t>> params(g.batch * g.keypoints);
   for (int64_t b = 0; b < g.batch; ++b) {
     for (int64_t k = 0; k < g.keypoints; ++k) {
@@ -239,13 +238,13 @@ std::vector<V> padded_source(const MotionGeometry& g, const scalar_t* src, const
   return out;
 }
 
-template <typename scalar_t>
-void sparse_forward_kernel(const MotionGeometry& g, double variance, const scalar_t* src, const scalar_t* kps,
-                           const scalar_t* jacs, const scalar_t* kpd, const scalar_t* jacd,
+template <typename scalar_t, typename kp_t>
+void sparse_forward_kernel(const MotionGeometry& g, double variance, const scalar_t* src, const kp_t* kps,
+                           const kp_t* jacs, const kp_t* kpd, const kp_t* jacd,
                            scalar_t* out /* contiguous (B,(K+1)(C+1),H,W) */) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t B = g.batch, K = g.keypoints, C = g.channels, H = g.height, W = g.width, HW = H * W;
-  const auto params = gather_keypoints<scalar_t, acc_t>(g, kps, jacs, kpd, jacd);
+  const auto params = gather_keypoints<kp_t, acc_t>(g, kps, jacs, kpd, jacd);
   const auto affine = affines_of(params);
   const auto zx = axis_coordinates<acc_t>(W), zy = axis_coordinates<acc_t>(H);
   const auto gauss = gaussian_tables(params, zx, zy, static_cast<acc_t>(variance));
@@ -295,16 +294,16 @@ void sparse_forward_kernel(const MotionGeometry& g, double variance, const scala
 // gradient (scatter into the task's private padded buffer). The buffers of an image's tiles and the
 // tasks' keypoint sums are reduced in tile order afterwards; the tiling depends only on the shapes,
 // so the result does not depend on the thread count.
-template <typename scalar_t>
+template <typename scalar_t, typename kp_t>
 void sparse_backward_kernel(const MotionGeometry& g, double variance, const scalar_t* grad, const scalar_t* src,
-                            const scalar_t* kps, const scalar_t* jacs, const scalar_t* kpd, const scalar_t* jacd,
-                            at::Tensor& grad_source, std::array<scalar_t*, 4> kp_out /* kps, jacs, kpd, jacd */) {
+                            const kp_t* kps, const kp_t* jacs, const kp_t* kpd, const kp_t* jacd,
+                            at::Tensor& grad_source, std::array<kp_t*, 4> kp_out /* kps, jacs, kpd, jacd */) {
   using acc_t = at::opmath_type<scalar_t>;
   using V = lanes_t<acc_t>;
   const int64_t B = g.batch, K = g.keypoints, C = g.channels, H = g.height, W = g.width, HW = H * W;
   const bool want_source = grad_source.defined();
   const bool want_kp = kp_out[0] || kp_out[1] || kp_out[2] || kp_out[3];
-  const auto params = gather_keypoints<scalar_t, acc_t>(g, kps, jacs, kpd, jacd);
+  const auto params = gather_keypoints<kp_t, acc_t>(g, kps, jacs, kpd, jacd);
   const auto affine = affines_of(params);
   const auto zx = axis_coordinates<acc_t>(W), zy = axis_coordinates<acc_t>(H);
   const acc_t var = static_cast<acc_t>(variance);
@@ -479,12 +478,12 @@ void sparse_backward_kernel(const MotionGeometry& g, double variance, const scal
         motion::keypoint_grads_from_sums(params[b * K + k], total, true, var, g_kps, g_jacs, g_kpd, g_jacd);
         const int64_t bk = b * K + k;
         for (int i = 0; i < 2; ++i) {
-          if (kp_out[0]) kp_out[0][bk * 2 + i] = to_output<scalar_t>(g_kps[i]);
-          if (kp_out[2]) kp_out[2][bk * 2 + i] = to_output<scalar_t>(g_kpd[i]);
+          if (kp_out[0]) kp_out[0][bk * 2 + i] = to_output<kp_t>(g_kps[i]);
+          if (kp_out[2]) kp_out[2][bk * 2 + i] = to_output<kp_t>(g_kpd[i]);
         }
         for (int i = 0; i < 4; ++i) {
-          if (kp_out[1]) kp_out[1][bk * 4 + i] = to_output<scalar_t>(g_jacs[i]);
-          if (kp_out[3]) kp_out[3][bk * 4 + i] = to_output<scalar_t>(g_jacd[i]);
+          if (kp_out[1]) kp_out[1][bk * 4 + i] = to_output<kp_t>(g_jacs[i]);
+          if (kp_out[3]) kp_out[3][bk * 4 + i] = to_output<kp_t>(g_jacd[i]);
         }
       }
     }
@@ -492,13 +491,13 @@ void sparse_backward_kernel(const MotionGeometry& g, double variance, const scal
 }
 
 // ---------------------------------------------------------------------- dense_motion
-template <typename scalar_t>
-void dense_forward_kernel(const MotionGeometry& g, const scalar_t* logits, const scalar_t* kps, const scalar_t* jacs,
-                          const scalar_t* kpd, const scalar_t* jacd, scalar_t* deformation /* (B,H,W,2) */,
+template <typename scalar_t, typename kp_t>
+void dense_forward_kernel(const MotionGeometry& g, const scalar_t* logits, const kp_t* kps, const kp_t* jacs,
+                          const kp_t* kpd, const kp_t* jacd, scalar_t* deformation /* (B,H,W,2) */,
                           scalar_t* mask /* (B,K+1,H,W) */) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t B = g.batch, K = g.keypoints, H = g.height, W = g.width, HW = H * W;
-  const auto params = gather_keypoints<scalar_t, acc_t>(g, kps, jacs, kpd, jacd);
+  const auto params = gather_keypoints<kp_t, acc_t>(g, kps, jacs, kpd, jacd);
   const auto affine = affines_of(params);
   const auto zx = axis_coordinates<acc_t>(W), zy = axis_coordinates<acc_t>(H);
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, (K + 1) * W));
@@ -545,15 +544,15 @@ void dense_forward_kernel(const MotionGeometry& g, const scalar_t* logits, const
   });
 }
 
-template <typename scalar_t>
+template <typename scalar_t, typename kp_t>
 void dense_backward_kernel(const MotionGeometry& g, const scalar_t* grad_def, const scalar_t* grad_mask,
-                           const scalar_t* logits, const scalar_t* kps, const scalar_t* jacs, const scalar_t* kpd,
-                           const scalar_t* jacd, scalar_t* grad_logits /* (B,K+1,H,W) or null */,
-                           std::array<scalar_t*, 4> kp_out) {
+                           const scalar_t* logits, const kp_t* kps, const kp_t* jacs, const kp_t* kpd,
+                           const kp_t* jacd, scalar_t* grad_logits /* (B,K+1,H,W) or null */,
+                           std::array<kp_t*, 4> kp_out) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t B = g.batch, K = g.keypoints, H = g.height, W = g.width, HW = H * W;
   const bool want_kp = kp_out[0] || kp_out[1] || kp_out[2] || kp_out[3];
-  const auto params = gather_keypoints<scalar_t, acc_t>(g, kps, jacs, kpd, jacd);
+  const auto params = gather_keypoints<kp_t, acc_t>(g, kps, jacs, kpd, jacd);
   const auto affine = affines_of(params);
   const auto zx = axis_coordinates<acc_t>(W), zy = axis_coordinates<acc_t>(H);
   const RowTiling tiling = row_tiling(B, H);
@@ -637,12 +636,12 @@ void dense_backward_kernel(const MotionGeometry& g, const scalar_t* grad_def, co
         motion::keypoint_grads_from_sums(params[b * K + k], total, false, acc_t(1), g_kps, g_jacs, g_kpd, g_jacd);
         const int64_t bk = b * K + k;
         for (int i = 0; i < 2; ++i) {
-          if (kp_out[0]) kp_out[0][bk * 2 + i] = to_output<scalar_t>(g_kps[i]);
-          if (kp_out[2]) kp_out[2][bk * 2 + i] = to_output<scalar_t>(g_kpd[i]);
+          if (kp_out[0]) kp_out[0][bk * 2 + i] = to_output<kp_t>(g_kps[i]);
+          if (kp_out[2]) kp_out[2][bk * 2 + i] = to_output<kp_t>(g_kpd[i]);
         }
         for (int i = 0; i < 4; ++i) {
-          if (kp_out[1]) kp_out[1][bk * 4 + i] = to_output<scalar_t>(g_jacs[i]);
-          if (kp_out[3]) kp_out[3][bk * 4 + i] = to_output<scalar_t>(g_jacd[i]);
+          if (kp_out[1]) kp_out[1][bk * 4 + i] = to_output<kp_t>(g_jacs[i]);
+          if (kp_out[3]) kp_out[3][bk * 4 + i] = to_output<kp_t>(g_jacd[i]);
         }
       }
     }
@@ -682,21 +681,38 @@ std::array<scalar_t*, 4> kp_pointers(std::array<at::Tensor, 4>& grads) {
   return p;
 }
 
+// Runs fn.template operator()<kp_t>() with kp_t the keypoints' C++ type: scalar_t itself, or float
+// for float32 keypoints with a float16/bfloat16 image (the checks allow no other combination).
+template <typename scalar_t, typename Fn>
+void with_keypoint_type(const at::Tensor& kp_source, Fn&& fn) {
+  if (kp_source.scalar_type() == c10::CppTypeToScalarType<scalar_t>::value) {
+    fn.template operator()<scalar_t>();
+  } else if constexpr (std::is_same_v<scalar_t, at::Half> || std::is_same_v<scalar_t, at::BFloat16>) {
+    TORCH_INTERNAL_ASSERT(kp_source.scalar_type() == at::kFloat);
+    fn.template operator()<float>();
+  } else {
+    TORCH_INTERNAL_ASSERT(false, "keypoint dtype ", kp_source.scalar_type(), " passed the checks");
+  }
+}
+
 }  // namespace
 
 at::Tensor sparse_motion_inputs_forward(const at::Tensor& source, const at::Tensor& kp_source,
                                         const c10::optional<at::Tensor>& jac_source, const at::Tensor& kp_driving,
                                         const c10::optional<at::Tensor>& jac_driving, double variance) {
-  const int64_t K = check_sparse_args(source, kp_source, jac_source, kp_driving, jac_driving, variance);
+  const int64_t K = check_sparse_args(source, kp_source, jac_source, kp_driving, jac_driving, variance, true);
   const int64_t B = source.size(0), C = source.size(1), H = source.size(2), W = source.size(3);
   auto out = at::empty({B, (K + 1) * (C + 1), H, W}, source.options());
   if (out.numel() == 0) return out;
   poison(out);
   const auto g = make_motion_geometry(source, kp_source, jac_source, kp_driving, jac_driving, nullptr, nullptr);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, source.scalar_type(), "sparse_motion_inputs_fwd_cpu", [&] {
-    sparse_forward_kernel<scalar_t>(g, variance, source.const_data_ptr<scalar_t>(), kp_source.const_data_ptr<scalar_t>(),
-                                    ptr_or_null<scalar_t>(jac_source), kp_driving.const_data_ptr<scalar_t>(),
-                                    ptr_or_null<scalar_t>(jac_driving), out.mutable_data_ptr<scalar_t>());
+    with_keypoint_type<scalar_t>(kp_source, [&]<typename kp_t>() {
+      sparse_forward_kernel<scalar_t, kp_t>(g, variance, source.const_data_ptr<scalar_t>(),
+                                            kp_source.const_data_ptr<kp_t>(), ptr_or_null<kp_t>(jac_source),
+                                            kp_driving.const_data_ptr<kp_t>(), ptr_or_null<kp_t>(jac_driving),
+                                            out.mutable_data_ptr<scalar_t>());
+    });
   });
   return out;
 }
@@ -705,7 +721,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sparse_mo
     const at::Tensor& grad, const at::Tensor& source, const at::Tensor& kp_source,
     const c10::optional<at::Tensor>& jac_source, const at::Tensor& kp_driving,
     const c10::optional<at::Tensor>& jac_driving, double variance, std::array<bool, 5> output_mask) {
-  const int64_t K = check_sparse_args(source, kp_source, jac_source, kp_driving, jac_driving, variance);
+  const int64_t K = check_sparse_args(source, kp_source, jac_source, kp_driving, jac_driving, variance, true);
   const int64_t B = source.size(0), C = source.size(1), H = source.size(2), W = source.size(3);
   check_grad_shape("sparse_motion_inputs backward: grad", grad, {B, (K + 1) * (C + 1), H, W}, source);
   at::Tensor grad_source = output_mask[0] ? at::empty(source.sizes(), source.options()) : at::empty({0}, source.options());
@@ -716,10 +732,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sparse_mo
     const auto g = make_motion_geometry(source, kp_source, jac_source, kp_driving, jac_driving, &grad, nullptr);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, source.scalar_type(), "sparse_motion_inputs_bwd_cpu", [&] {
       at::Tensor gs = output_mask[0] ? grad_source : at::Tensor();
-      sparse_backward_kernel<scalar_t>(g, variance, grad.const_data_ptr<scalar_t>(), source.const_data_ptr<scalar_t>(),
-                                       kp_source.const_data_ptr<scalar_t>(), ptr_or_null<scalar_t>(jac_source),
-                                       kp_driving.const_data_ptr<scalar_t>(), ptr_or_null<scalar_t>(jac_driving), gs,
-                                       kp_pointers<scalar_t>(kp_grads));
+      with_keypoint_type<scalar_t>(kp_source, [&]<typename kp_t>() {
+        sparse_backward_kernel<scalar_t, kp_t>(g, variance, grad.const_data_ptr<scalar_t>(),
+                                               source.const_data_ptr<scalar_t>(), kp_source.const_data_ptr<kp_t>(),
+                                               ptr_or_null<kp_t>(jac_source), kp_driving.const_data_ptr<kp_t>(),
+                                               ptr_or_null<kp_t>(jac_driving), gs, kp_pointers<kp_t>(kp_grads));
+      });
     });
   }
   return {grad_source, kp_grads[0], kp_grads[1], kp_grads[2], kp_grads[3]};
@@ -729,7 +747,7 @@ std::tuple<at::Tensor, at::Tensor> dense_motion_forward(const at::Tensor& mask_l
                                                         const c10::optional<at::Tensor>& jac_source,
                                                         const at::Tensor& kp_driving,
                                                         const c10::optional<at::Tensor>& jac_driving) {
-  check_dense_args(mask_logits, kp_source, jac_source, kp_driving, jac_driving);
+  check_dense_args(mask_logits, kp_source, jac_source, kp_driving, jac_driving, true);
   const int64_t B = mask_logits.size(0), H = mask_logits.size(2), W = mask_logits.size(3);
   auto deformation = at::empty({B, H, W, 2}, mask_logits.options());
   auto mask = at::empty(mask_logits.sizes(), mask_logits.options());
@@ -738,10 +756,12 @@ std::tuple<at::Tensor, at::Tensor> dense_motion_forward(const at::Tensor& mask_l
   poison(mask);
   const auto g = make_motion_geometry(mask_logits, kp_source, jac_source, kp_driving, jac_driving, nullptr, nullptr);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, mask_logits.scalar_type(), "dense_motion_fwd_cpu", [&] {
-    dense_forward_kernel<scalar_t>(g, mask_logits.const_data_ptr<scalar_t>(), kp_source.const_data_ptr<scalar_t>(),
-                                   ptr_or_null<scalar_t>(jac_source), kp_driving.const_data_ptr<scalar_t>(),
-                                   ptr_or_null<scalar_t>(jac_driving), deformation.mutable_data_ptr<scalar_t>(),
-                                   mask.mutable_data_ptr<scalar_t>());
+    with_keypoint_type<scalar_t>(kp_source, [&]<typename kp_t>() {
+      dense_forward_kernel<scalar_t, kp_t>(g, mask_logits.const_data_ptr<scalar_t>(), kp_source.const_data_ptr<kp_t>(),
+                                           ptr_or_null<kp_t>(jac_source), kp_driving.const_data_ptr<kp_t>(),
+                                           ptr_or_null<kp_t>(jac_driving), deformation.mutable_data_ptr<scalar_t>(),
+                                           mask.mutable_data_ptr<scalar_t>());
+    });
   });
   return {deformation, mask};
 }
@@ -750,7 +770,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dense_mot
     const at::Tensor& grad_deformation, const at::Tensor& grad_mask, const at::Tensor& mask_logits,
     const at::Tensor& kp_source, const c10::optional<at::Tensor>& jac_source, const at::Tensor& kp_driving,
     const c10::optional<at::Tensor>& jac_driving, std::array<bool, 5> output_mask) {
-  check_dense_args(mask_logits, kp_source, jac_source, kp_driving, jac_driving);
+  check_dense_args(mask_logits, kp_source, jac_source, kp_driving, jac_driving, true);
   const int64_t B = mask_logits.size(0), H = mask_logits.size(2), W = mask_logits.size(3);
   check_grad_shape("dense_motion backward: grad_deformation", grad_deformation, {B, H, W, 2}, mask_logits);
   check_grad_shape("dense_motion backward: grad_mask", grad_mask, mask_logits.sizes(), mask_logits);
@@ -763,14 +783,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dense_mot
     const auto g = make_motion_geometry(mask_logits, kp_source, jac_source, kp_driving, jac_driving, &grad_mask,
                                         &grad_deformation);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, mask_logits.scalar_type(), "dense_motion_bwd_cpu", [&] {
-      dense_backward_kernel<scalar_t>(g, grad_deformation.const_data_ptr<scalar_t>(),
-                                      grad_mask.const_data_ptr<scalar_t>(), mask_logits.const_data_ptr<scalar_t>(),
-                                      kp_source.const_data_ptr<scalar_t>(), ptr_or_null<scalar_t>(jac_source),
-                                      kp_driving.const_data_ptr<scalar_t>(), ptr_or_null<scalar_t>(jac_driving),
-                                      output_mask[0] && grad_logits.numel() > 0
-                                          ? grad_logits.mutable_data_ptr<scalar_t>()
-                                          : nullptr,
-                                      kp_pointers<scalar_t>(kp_grads));
+      with_keypoint_type<scalar_t>(kp_source, [&]<typename kp_t>() {
+        dense_backward_kernel<scalar_t, kp_t>(
+            g, grad_deformation.const_data_ptr<scalar_t>(), grad_mask.const_data_ptr<scalar_t>(),
+            mask_logits.const_data_ptr<scalar_t>(), kp_source.const_data_ptr<kp_t>(), ptr_or_null<kp_t>(jac_source),
+            kp_driving.const_data_ptr<kp_t>(), ptr_or_null<kp_t>(jac_driving),
+            output_mask[0] && grad_logits.numel() > 0 ? grad_logits.mutable_data_ptr<scalar_t>() : nullptr,
+            kp_pointers<kp_t>(kp_grads));
+      });
     });
   }
   return {grad_logits, kp_grads[0], kp_grads[1], kp_grads[2], kp_grads[3]};

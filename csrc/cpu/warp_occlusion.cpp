@@ -1,14 +1,19 @@
 // CPU kernels of dagan_fast::warp_occlusion_fwd / _bwd: grid_sample(bilinear, zeros,
 // align_corners=False) times an optional occlusion map; any input strides, deterministic.
 //
-// Two implementations of the same numerics:
+// One definition, several implementations of the same numerics:
 //  * generic (any dtype, any CPU): output pixels in row tiles of kTile pixels; the taps of a tile
-//    are computed once (warp::bilinear_taps), then every channel runs a loop over the tile.
-//  * float32 with AVX2 (chosen at run time): the taps of 8 pixels at a time in vector registers
-//    (same IEEE operations, same bits); planar inputs read each pixel's two tap rows as two 8-byte
-//    "row pairs" clamped inside the plane, channels_last inputs read 8 contiguous channels per tap
-//    and transpose 8x8 blocks into the planar output; inputs whose planes exceed L2 are processed
-//    in channel blocks over a per-image taps table, so each plane is fetched about once.
+//    are computed once (warp::bilinear_taps), then every channel runs a loop over the tile. It is
+//    the definition the vector paths reproduce (same float32 operations in the same order).
+//  * vector paths, chosen at run time by capability() (DAGAN_FAST_CPU_CAPABILITY / ATEN_CPU_CAPABILITY):
+//    the taps of 8 pixels at a time in AVX2 registers (same IEEE operations, same bits); planar
+//    inputs read each pixel's two tap rows as two "row pairs" clamped inside the plane, channels_last
+//    inputs read 8 (AVX2) or 16 (AVX-512) contiguous channels per tap and transpose 8x8 blocks into
+//    the planar output; inputs whose planes exceed L2 are processed in channel blocks over a
+//    per-image taps table, so each plane is fetched about once. float32 and bfloat16 (read as
+//    bfloat16, summed in float32, rounded once) share the scheduling; the avx512 level runs the
+//    channels_last forward tiles (float32, bfloat16) and bfloat16 row pairs 16 lanes wide. The backward is the AVX2 float32 code;
+//    bfloat16 runs it on exact float32 copies.
 // Both backward passes are race-free: the grid/occlusion gradients are per-pixel sums over
 // channels, and each task owns whole planes (or fixed pixel segments, summed in a fixed order) of
 // the input gradient.
@@ -33,6 +38,9 @@
 #include <ATen/ops/zeros.h>
 
 #include "../common/warp_math.h"
+#include "../op_support.h"
+#include "../warp_checks.h"
+#include "capability.h"
 
 namespace dagan_fast {
 namespace cpu {
@@ -634,13 +642,268 @@ DAGAN_AVX2 __attribute__((noinline)) void input_grad_tile_avx2(const TapsF32& t,
     gi[t.offset[3][i]] += contrib[3][i];
   }
 }
+
+// ---------------------------------------------------------------------------------------------------
+// bfloat16 and AVX-512 tile kernels. They read the taps of fill_taps_avx2 (computed in float32 from a
+// float32 copy of the grid, the values the generic path converts one by one) and run the generic
+// path's sequence of float32 operations, so they return its bits: bfloat16 inputs are widened exactly
+// (a 16-bit shift), every sum is float32, and the result is rounded to bfloat16 once, to nearest
+// even like c10::BFloat16 (AVX512-BF16's vcvtneps2bf16 also flushes float32 denormals to zero).
+
+// Converts n float32 values to bfloat16 (round to nearest even, NaN -> 0x7FC0 like c10::BFloat16).
+using Bf16Store = void (*)(const float* src, at::BFloat16* dst, int64_t n);
+
+void store_bf16_scalar(const float* src, at::BFloat16* dst, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<at::BFloat16>(src[i]);
+}
+
+// 8 bfloat16 -> 8 float32 (exact: the bits move to the upper half).
+DAGAN_AVX2 inline __m256 widen_bf16x8(__m128i h) {
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+
+// 8 float32 -> 8 bfloat16 in the low 16 bits of each 32-bit lane, c10::BFloat16's rounding.
+DAGAN_AVX2 inline __m256i round_bf16x8(__m256 x) {
+  const __m256i b = _mm256_castps_si256(x);
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(b, 16), _mm256_set1_epi32(1));
+  const __m256i r = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(b, _mm256_set1_epi32(0x7FFF)), lsb), 16);
+  const __m256 nan = _mm256_cmp_ps(x, x, _CMP_UNORD_Q);
+  return _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7FC0), _mm256_castps_si256(nan));
+}
+
+DAGAN_AVX2 __attribute__((noinline)) void store_bf16_avx2(const float* src, at::BFloat16* dst, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256i r = round_bf16x8(_mm256_loadu_ps(src + i));
+    // packus works per 128-bit half: [r0..r3 r0..r3 | r4..r7 r4..r7]; qwords 0 and 2 hold r0..r7.
+    const __m256i p = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0x08);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i), _mm256_castsi256_si128(p));
+  }
+  store_bf16_scalar(src + i, dst + i, n - i);
+}
+
+// Row pairs of 8 pixels from a bfloat16 plane: one 32-bit gather (a pair is two adjacent bfloat16,
+// both inside the plane), widened to the float layout of load_pairs4: a = pixels 0-3, b = 4-7.
+DAGAN_AVX2 inline void load_pairs8_bf16(const at::BFloat16* plane, const int32_t* off, __m256& a, __m256& b) {
+  const __m256i w = _mm256_i32gather_epi32(reinterpret_cast<const int*>(plane),
+                                           _mm256_loadu_si256(reinterpret_cast<const __m256i*>(off)), 2);
+  a = widen_bf16x8(_mm256_castsi256_si128(w));
+  b = widen_bf16x8(_mm256_extracti128_si256(w, 1));
+}
+
+// sample_pairs8 for a bfloat16 plane (same lanes, same order of operations).
+DAGAN_AVX2 inline __m256 sample_pairs8_bf16(const TapsF32& t, const at::BFloat16* plane, int64_t i) {
+  __m256 l[2][2];
+  for (int r = 0; r < 2; ++r) {
+    __m256 va, vb;
+    load_pairs8_bf16(plane, t.pair_offset[r] + i, va, vb);
+    const float* w = t.pair_weight[r] + 2 * i;
+    const float* m = reinterpret_cast<const float*>(t.pair_mask[r] + 2 * i);
+    const __m256 a = _mm256_mul_ps(_mm256_and_ps(va, _mm256_load_ps(m)), _mm256_load_ps(w));
+    const __m256 b = _mm256_mul_ps(_mm256_and_ps(vb, _mm256_load_ps(m + 8)), _mm256_load_ps(w + 8));
+    l[r][0] = _mm256_shuffle_ps(a, b, 0x88);
+    l[r][1] = _mm256_shuffle_ps(a, b, 0xDD);
+  }
+  const __m256 s = _mm256_add_ps(_mm256_add_ps(_mm256_add_ps(l[0][0], l[0][1]), l[1][0]), l[1][1]);
+  return _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(s), 0xD8));
+}
+
+// bfloat16 planar forward of one tile (row pairs only), channels [c0, c1): float32 results of a
+// channel's row go through a tile buffer and are rounded once.
+DAGAN_AVX2 __attribute__((noinline)) void forward_tile_pairs_bf16_avx2(const TapsF32& t, int64_t n,
+                                                                        const WarpGeometry& g,
+                                                                        const at::BFloat16* in_b,
+                                                                        at::BFloat16* out_row, int64_t c0,
+                                                                        int64_t c1, Bf16Store store) {
+  alignas(32) float buf[kTile];
+  for (int64_t c = c0; c < c1; ++c) {
+    const at::BFloat16* plane = in_b + c * g.in_stride[1];
+    for (int64_t i = 0; i < n; i += 8) {  // padded lanes have in-plane pair offsets and zero weights
+      _mm256_store_ps(buf + i, _mm256_mul_ps(sample_pairs8_bf16(t, plane, i), _mm256_load_ps(t.occlusion + i)));
+    }
+    store(buf, out_row + c * g.out_stride[1], n);
+  }
+}
+
+// 8 channels of one bfloat16 tap, the first `lanes` of them (0 when the tap is invalid).
+DAGAN_AVX2 inline __m256 load_channels_bf16(const at::BFloat16* p, int64_t lanes, bool valid) {
+  if (!valid) return _mm256_setzero_ps();
+  if (lanes == 8) return widen_bf16x8(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  alignas(16) uint16_t tmp[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  std::memcpy(tmp, p, static_cast<size_t>(lanes) * sizeof(uint16_t));
+  return widen_bf16x8(_mm_load_si128(reinterpret_cast<const __m128i*>(tmp)));
+}
+
+// bfloat16 channels_last forward of one tile (forward_tile_cl_avx2's loop and order).
+DAGAN_AVX2 __attribute__((noinline)) void forward_tile_cl_bf16_avx2(const TapsF32& t, int64_t n,
+                                                                     const WarpGeometry& g,
+                                                                     const at::BFloat16* in_b,
+                                                                     at::BFloat16* out_row, Bf16Store store) {
+  alignas(32) float buf[8][kTile];
+  for (int64_t c = 0; c < g.channels; c += 8) {
+    const int64_t lanes_c = std::min<int64_t>(8, g.channels - c);
+    const at::BFloat16* in_c = in_b + c;
+    for (int64_t i = 0; i < n; i += 8) {
+      __m256 r[8];
+      for (int p = 0; p < 8; ++p) {
+        const int64_t q = i + p;
+        __m256 s = _mm256_setzero_ps();
+        for (int k = 0; k < 4; ++k) {
+          const __m256 v = load_channels_bf16(in_c + t.offset[k][q], lanes_c, t.mask[k][q] != 0);
+          const __m256 wv = _mm256_mul_ps(_mm256_broadcast_ss(t.weight[k] + q), v);
+          s = k == 0 ? wv : _mm256_add_ps(s, wv);
+        }
+        r[p] = _mm256_mul_ps(s, _mm256_broadcast_ss(t.occlusion + q));
+      }
+      transpose8(r);
+      for (int j = 0; j < lanes_c; ++j) _mm256_store_ps(buf[j] + i, r[j]);
+    }
+    for (int j = 0; j < lanes_c; ++j) store(buf[j], out_row + (c + j) * g.out_stride[1], n);
+  }
+}
+
+// ------------------------------------------------------------------------------------- AVX-512
+// GCC 12 warns about the _mm512_undefined_* placeholders inside its own AVX-512 headers.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+// Sixteen pixels (planar) or sixteen channels (channels_last) per vector; AVX-512 F/BW/VL/DQ.
+#define DAGAN_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2")))
+#define DAGAN_AVX512BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,avx512bf16")))
+
+DAGAN_AVX512 __attribute__((noinline)) void store_bf16_avx512(const float* src, at::BFloat16* dst, int64_t n) {
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 k = n - i >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << (n - i)) - 1);
+    const __m512 x = _mm512_maskz_loadu_ps(k, src + i);
+    const __m512i b = _mm512_castps_si512(x);
+    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1));
+    __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(b, _mm512_set1_epi32(0x7FFF)), lsb), 16);
+    r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
+    _mm256_mask_storeu_epi16(dst + i, k, _mm512_cvtepi32_epi16(r));
+  }
+}
+
+DAGAN_AVX512BF16 __attribute__((noinline)) void store_bf16_avx512bf16(const float* src, at::BFloat16* dst,
+                                                                       int64_t n) {
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 k = n - i >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << (n - i)) - 1);
+    const __m256bh h = _mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(k, src + i));
+    _mm256_mask_storeu_epi16(dst + i, k, (__m256i)h);
+  }
+}
+
+DAGAN_AVX512 inline __mmask16 pixel_mask16(int64_t lanes) {
+  return lanes >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << lanes) - 1);
+}
+
+// Row r of 16 pixels of a bfloat16 plane, weighted per pair lane and split into lane 0 / lane 1 in
+// pixel order. Pixels outside mask k are not loaded (their taps may be unset). (float32 planes keep
+// the AVX2 kernel's 8-byte row-pair loads: 64-bit gathers measured no faster.)
+DAGAN_AVX512 inline void pair_row16(const TapsF32& t, const at::BFloat16* plane, int64_t i, int r, __mmask16 k, __m512& l0,
+                                    __m512& l1) {
+  const __m512i off = _mm512_maskz_loadu_epi32(k, t.pair_offset[r] + i);
+  // Pair lanes of pixels i..i+7 (va) and i+8..i+15 (vb), [p l0, p l1, ...]: one 32-bit gather.
+  const __m512i pr = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), k, off, reinterpret_cast<const int*>(plane), 2);
+  const __m512 va = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(pr)), 16));
+  const __m512 vb = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(pr, 1)), 16));
+  const float* w = t.pair_weight[r] + 2 * i;
+  const int32_t* m = t.pair_mask[r] + 2 * i;
+  const __m512 a = _mm512_mul_ps(_mm512_and_ps(va, _mm512_castsi512_ps(_mm512_loadu_si512(m))), _mm512_loadu_ps(w));
+  const __m512 b = _mm512_mul_ps(_mm512_and_ps(vb, _mm512_castsi512_ps(_mm512_loadu_si512(m + 16))),
+                                 _mm512_loadu_ps(w + 16));
+  const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+  const __m512i odd = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+  l0 = _mm512_permutex2var_ps(a, even, b);
+  l1 = _mm512_permutex2var_ps(a, odd, b);
+}
+
+// bfloat16 planar forward of one tile from row pairs, channels [c0, c1).
+DAGAN_AVX512 __attribute__((noinline)) void forward_tile_pairs_bf16_avx512(const TapsF32& t, int64_t n,
+                                                                            const WarpGeometry& g,
+                                                                            const at::BFloat16* in_b,
+                                                                            at::BFloat16* out_row, int64_t c0,
+                                                                            int64_t c1, Bf16Store store) {
+  alignas(64) float buf[kTile];
+  for (int64_t c = c0; c < c1; ++c) {
+    const at::BFloat16* plane = in_b + c * g.in_stride[1];
+    at::BFloat16* o = out_row + c * g.out_stride[1];
+    for (int64_t i = 0; i < n; i += 16) {
+      const __mmask16 k = pixel_mask16(n - i);
+      __m512 t0, t1, b0, b1;
+      pair_row16(t, plane, i, 0, k, t0, t1);
+      pair_row16(t, plane, i, 1, k, b0, b1);
+      const __m512 s = _mm512_add_ps(_mm512_add_ps(_mm512_add_ps(t0, t1), b0), b1);
+      _mm512_store_ps(buf + i, _mm512_mul_ps(s, _mm512_maskz_loadu_ps(k, t.occlusion + i)));
+    }
+    store(buf, o, n);
+  }
+}
+
+// 16 channels of one tap (masked past C and for invalid taps), widened to float32.
+template <typename T>
+DAGAN_AVX512 inline __m512 load_channels16(const T* p, __mmask16 k) {
+  if constexpr (std::is_same_v<T, float>) {
+    return _mm512_maskz_loadu_ps(k, p);
+  } else {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(k, p)), 16));
+  }
+}
+
+// channels_last forward of one tile: 16 channels per load; 8 pixels x 16 channels are turned into
+// channel rows by two 8x8 transposes. forward_tile_cl_avx2's order of operations.
+template <typename T>
+DAGAN_AVX512 __attribute__((noinline)) void forward_tile_cl_avx512(const TapsF32& t, int64_t n,
+                                                                    const WarpGeometry& g, const T* in_b, T* out_row,
+                                                                    Bf16Store store) {
+  alignas(64) float buf[16][kTile];
+  for (int64_t c = 0; c < g.channels; c += 16) {
+    const int64_t lanes_c = std::min<int64_t>(16, g.channels - c);
+    const __mmask16 cmask = pixel_mask16(lanes_c);
+    const T* in_c = in_b + c;
+    for (int64_t i = 0; i < n; i += 8) {
+      __m512 r[8];
+      for (int p = 0; p < 8; ++p) {
+        const int64_t q = i + p;  // padded pixels have all taps masked: they read nothing
+        __m512 s = _mm512_setzero_ps();
+        for (int k = 0; k < 4; ++k) {
+          const __m512 v = load_channels16(in_c + t.offset[k][q], t.mask[k][q] ? cmask : __mmask16(0));
+          const __m512 wv = _mm512_mul_ps(_mm512_set1_ps(t.weight[k][q]), v);
+          s = k == 0 ? wv : _mm512_add_ps(s, wv);
+        }
+        r[p] = _mm512_mul_ps(s, _mm512_set1_ps(t.occlusion[q]));
+      }
+      const int64_t lanes_p = std::min<int64_t>(8, n - i);
+      const __mmask8 pmask = static_cast<__mmask8>((1u << lanes_p) - 1);
+      for (int half = 0; half < 2 && 8 * half < lanes_c; ++half) {
+        __m256 h[8];
+        for (int p = 0; p < 8; ++p) {
+          h[p] = half == 0 ? _mm512_castps512_ps256(r[p]) : _mm512_extractf32x8_ps(r[p], 1);
+        }
+        transpose8(h);
+        const int64_t j1 = std::min<int64_t>(8, lanes_c - 8 * half);
+        for (int j = 0; j < j1; ++j) {
+          const int64_t ch = 8 * half + j;
+          if constexpr (std::is_same_v<T, float>) {
+            _mm256_mask_storeu_ps(out_row + (c + ch) * g.out_stride[1] + i, pmask, h[j]);
+          } else {
+            _mm256_store_ps(buf[ch] + i, h[j]);
+          }
+        }
+      }
+    }
+    if constexpr (!std::is_same_v<T, float>) {
+      for (int j = 0; j < lanes_c; ++j) store(buf[j], out_row + (c + j) * g.out_stride[1], n);
+    }
+  }
+}
+#pragma GCC diagnostic pop
 #endif  // x86-64 AVX2
 
-// The AVX2 float path applies when the CPU has AVX2, every tap offset fits int32, and the test
-// hook DAGAN_FAST_WARP_SCALAR=1 (read at each call) does not force the generic code.
+// The vector paths apply when capability() allows AVX2 or more (DAGAN_FAST_CPU_CAPABILITY /
+// ATEN_CPU_CAPABILITY, capped by the CPU), every tap offset fits int32, and the test hook
+// DAGAN_FAST_WARP_SCALAR=1 (read at each call) does not force the generic code.
 bool use_avx2_path(const WarpGeometry& g) {
 #ifdef DAGAN_WARP_HAVE_AVX2
-  static const bool has_avx2 = __builtin_cpu_supports("avx2");
+  const bool has_avx2 = static_cast<int>(capability()) >= static_cast<int>(Capability::kAVX2);
   const char* force = std::getenv("DAGAN_FAST_WARP_SCALAR");
   if (!has_avx2 || (force != nullptr && std::strcmp(force, "") != 0 && std::strcmp(force, "0") != 0)) return false;
   constexpr int64_t limit = int64_t(1) << 30;  // margin: offsets plus one stride stay below 2^31
@@ -660,11 +923,24 @@ int64_t tasks_grain(const WarpGeometry& g) {
 // Row pairs need contiguous rows at least two pixels wide (NCHW and sliced NCHW views).
 bool row_pairs(const WarpGeometry& g) { return g.in_stride[3] == 1 && g.in_w >= 2; }
 
-void forward_avx2(const WarpGeometry& g, const float* input, const float* grid, const float* occ, float* out) {
+// The tile kernels of one (element type, vector level): planar(tile, n, g, in_b, out_row, pairs, c0, c1, store)
+// and cl(tile, n, g, in_b, out_row, store); `store` rounds float32 rows to bfloat16 (unused for float).
+template <typename T>
+struct ForwardTiles {
+  void (*planar)(const TapsF32&, int64_t, const WarpGeometry&, const T*, T*, bool, int64_t, int64_t, Bf16Store);
+  void (*cl)(const TapsF32&, int64_t, const WarpGeometry&, const T*, T*, Bf16Store);
+  Bf16Store store;
+};
+
+// Forward scheduling shared by every vector level and element type (planar bfloat16 needs row pairs:
+// the caller checks). grid and occ are float32.
+template <typename T>
+void forward_vec(const WarpGeometry& g, const T* input, const float* grid, const float* occ, T* out,
+                 const ForwardTiles<T>& kern) {
   const int64_t tiles_per_row = (g.out_w + kTile - 1) / kTile, tiles = g.out_h * tiles_per_row;
   const bool cl = g.in_stride[1] == 1 && g.channels >= 8;  // channels_last (or NHWC-strided) input
   const bool pairs = !cl && row_pairs(g);
-  const int64_t plane_bytes = g.in_h * g.in_w * static_cast<int64_t>(sizeof(float));
+  const int64_t plane_bytes = g.in_h * g.in_w * static_cast<int64_t>(sizeof(T));
   if (cl || g.channels < 8 || g.channels * plane_bytes <= (int64_t(256) << 10)) {
     // All of a tile's reads fit in L2 (or each tap is one contiguous channel run): one pass,
     // taps computed per tile and used at once by every channel.
@@ -675,11 +951,11 @@ void forward_avx2(const WarpGeometry& g, const float* input, const float* grid, 
         const int64_t x0 = (task % tiles_per_row) * kTile, n = std::min(kTile, g.out_w - x0);
         fill_taps_avx2(t, g, grid, occ, b, y, x0, n, static_cast<int32_t>(g.in_stride[2]),
                        static_cast<int32_t>(g.in_stride[3]), pairs, false);
-        float* out_row = out + b * g.out_stride[0] + y * g.out_stride[2] + x0 * g.out_stride[3];
+        T* out_row = out + b * g.out_stride[0] + y * g.out_stride[2] + x0 * g.out_stride[3];
         if (cl) {
-          forward_tile_cl_avx2(t, n, g, input + b * g.in_stride[0], out_row);
+          kern.cl(t, n, g, input + b * g.in_stride[0], out_row, kern.store);
         } else {
-          forward_tile_avx2(t, n, g, input + b * g.in_stride[0], out_row, pairs, 0, g.channels);
+          kern.planar(t, n, g, input + b * g.in_stride[0], out_row, pairs, 0, g.channels, kern.store);
         }
       }
     });
@@ -708,12 +984,66 @@ void forward_avx2(const WarpGeometry& g, const float* input, const float* grid, 
         const int64_t t0 = (task % chunks) * tiles_per_chunk, t1 = std::min(tiles, t0 + tiles_per_chunk);
         for (int64_t tile = t0; tile < t1; ++tile) {
           const int64_t y = tile / tiles_per_row, x0 = (tile % tiles_per_row) * kTile;
-          forward_tile_avx2(taps[tile], std::min(kTile, g.out_w - x0), g, input + b * g.in_stride[0],
-                            out + b * g.out_stride[0] + y * g.out_stride[2] + x0 * g.out_stride[3], pairs, c0, c1);
+          kern.planar(taps[tile], std::min(kTile, g.out_w - x0), g, input + b * g.in_stride[0],
+                      out + b * g.out_stride[0] + y * g.out_stride[2] + x0 * g.out_stride[3], pairs, c0, c1,
+                      kern.store);
         }
       }
     });
   }
+}
+
+
+// Adapters to the ForwardTiles signature.
+void planar_f32_avx2(const TapsF32& t, int64_t n, const WarpGeometry& g, const float* in_b, float* out_row, bool pairs,
+                     int64_t c0, int64_t c1, Bf16Store) {
+  forward_tile_avx2(t, n, g, in_b, out_row, pairs, c0, c1);
+}
+void cl_f32_avx2(const TapsF32& t, int64_t n, const WarpGeometry& g, const float* in_b, float* out_row, Bf16Store) {
+  forward_tile_cl_avx2(t, n, g, in_b, out_row);
+}
+void cl_f32_avx512(const TapsF32& t, int64_t n, const WarpGeometry& g, const float* in_b, float* out_row,
+                   Bf16Store store) {
+  forward_tile_cl_avx512<float>(t, n, g, in_b, out_row, store);
+}
+void planar_bf16_avx2(const TapsF32& t, int64_t n, const WarpGeometry& g, const at::BFloat16* in_b,
+                      at::BFloat16* out_row, bool, int64_t c0, int64_t c1, Bf16Store store) {
+  forward_tile_pairs_bf16_avx2(t, n, g, in_b, out_row, c0, c1, store);
+}
+void cl_bf16_avx2(const TapsF32& t, int64_t n, const WarpGeometry& g, const at::BFloat16* in_b, at::BFloat16* out_row,
+                  Bf16Store store) {
+  forward_tile_cl_bf16_avx2(t, n, g, in_b, out_row, store);
+}
+void planar_bf16_avx512(const TapsF32& t, int64_t n, const WarpGeometry& g, const at::BFloat16* in_b,
+                        at::BFloat16* out_row, bool, int64_t c0, int64_t c1, Bf16Store store) {
+  forward_tile_pairs_bf16_avx512(t, n, g, in_b, out_row, c0, c1, store);
+}
+void cl_bf16_avx512(const TapsF32& t, int64_t n, const WarpGeometry& g, const at::BFloat16* in_b,
+                    at::BFloat16* out_row, Bf16Store store) {
+  forward_tile_cl_avx512<at::BFloat16>(t, n, g, in_b, out_row, store);
+}
+
+bool use_avx512() { return capability() == Capability::kAVX512; }
+
+// The bfloat16 rounding of the level in use.
+Bf16Store bf16_store() {
+  if (use_avx512()) return avx512_bf16_native() ? &store_bf16_avx512bf16 : &store_bf16_avx512;
+  return &store_bf16_avx2;
+}
+
+ForwardTiles<float> tiles_f32() {
+  if (use_avx512()) return {&planar_f32_avx2, &cl_f32_avx512, nullptr};  // planar: see pair_row16
+  return {&planar_f32_avx2, &cl_f32_avx2, nullptr};
+}
+
+ForwardTiles<at::BFloat16> tiles_bf16() {
+  if (use_avx512()) return {&planar_bf16_avx512, &cl_bf16_avx512, bf16_store()};
+  return {&planar_bf16_avx2, &cl_bf16_avx2, bf16_store()};
+}
+
+// Whether forward_vec<BFloat16> covers this layout: channels_last-like (C >= 8) or row pairs.
+bool bf16_vector_layout(const WarpGeometry& g) {
+  return (g.in_stride[1] == 1 && g.channels >= 8) || row_pairs(g);
 }
 
 // Backward. Grid and occlusion gradients: as in forward_avx2, planar inputs larger than L2 use a
@@ -876,8 +1206,19 @@ at::Tensor warp_occlusion_forward(const at::Tensor& input, const at::Tensor& gri
   const auto g = make_geometry(input, grid, occ, out);
 #ifdef DAGAN_WARP_HAVE_AVX2
   if (input.scalar_type() == at::kFloat && use_avx2_path(g)) {
-    forward_avx2(g, input.const_data_ptr<float>(), grid.const_data_ptr<float>(),
-                 occ ? occ->const_data_ptr<float>() : nullptr, out.mutable_data_ptr<float>());
+    forward_vec<float>(g, input.const_data_ptr<float>(), grid.const_data_ptr<float>(),
+                       occ ? occ->const_data_ptr<float>() : nullptr, out.mutable_data_ptr<float>(), tiles_f32());
+    return out;
+  }
+  if (input.scalar_type() == at::kBFloat16 && use_avx2_path(g) && bf16_vector_layout(g)) {
+    // The taps come from float32 copies of grid and occlusion (small: B*Ho*Wo*3 values), the values
+    // the generic path converts one at a time; the input is read as bfloat16.
+    const at::Tensor grid32 = grid.to(at::kFloat);
+    const at::Tensor occ32 = occ ? occ->to(at::kFloat) : at::Tensor();
+    const auto g32 = make_geometry(input, grid32, occ ? &occ32 : nullptr, out);
+    forward_vec<at::BFloat16>(g32, input.const_data_ptr<at::BFloat16>(), grid32.const_data_ptr<float>(),
+                              occ ? occ32.const_data_ptr<float>() : nullptr, out.mutable_data_ptr<at::BFloat16>(),
+                              tiles_bf16());
     return out;
   }
 #endif
@@ -896,6 +1237,34 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> warp_occlusion_backward(
   const at::Tensor* occ = occlusion.has_value() ? &occlusion.value() : nullptr;
   const bool want_input = output_mask[0], want_grid = output_mask[1], want_occ = output_mask[2] && occ;
   const int64_t B = input.size(0), Ho = grid.size(1), Wo = grid.size(2);
+#ifdef DAGAN_WARP_HAVE_AVX2
+  if (input.scalar_type() == at::kBFloat16 && grad_output.numel() > 0 &&
+      use_avx2_path(make_geometry(input, grid, occ, grad_output))) {
+    // bfloat16: the float32 vector backward on exact float32 copies (same layouts; the input only when
+    // the grid or occlusion gradient reads its values), gradients summed in float32 and rounded to
+    // bfloat16 once. Every output is a fresh conversion: nothing poisoned is left unwritten.
+    const bool coords = want_grid || want_occ;
+    const at::Tensor input32 = coords ? input.to(at::kFloat) : at::Tensor();
+    const at::Tensor grid32 = grid.to(at::kFloat), go32 = grad_output.to(at::kFloat);
+    const at::Tensor occ32 = occ ? occ->to(at::kFloat) : at::Tensor();
+    const auto g32 = make_geometry(coords ? input32 : input, grid32, occ ? &occ32 : nullptr, go32);
+    if (use_avx2_path(g32)) {
+      const auto f32 = grid.options().dtype(at::kFloat);
+      at::Tensor gi32 = want_input ? at::zeros(input.sizes(), f32) : at::Tensor();
+      at::Tensor gg32 = want_grid ? at::empty({B, Ho, Wo, 2}, f32) : at::Tensor();
+      at::Tensor gocc32 = want_occ ? at::empty({B, 1, Ho, Wo}, f32) : at::Tensor();
+      backward_avx2(g32, go32.const_data_ptr<float>(), coords ? input32.const_data_ptr<float>() : nullptr,
+                    grid32.const_data_ptr<float>(), occ ? occ32.const_data_ptr<float>() : nullptr,
+                    want_grid ? gg32.mutable_data_ptr<float>() : nullptr,
+                    want_occ ? gocc32.mutable_data_ptr<float>() : nullptr,
+                    want_input ? gi32.mutable_data_ptr<float>() : nullptr);
+      const auto bf16 = at::kBFloat16;
+      return {want_input ? gi32.to(bf16) : at::empty({0}, input.options()),
+              want_grid ? gg32.to(bf16) : at::empty({0}, grid.options()),
+              want_occ ? gocc32.to(bf16) : at::empty({0}, grid.options())};
+    }
+  }
+#endif
   at::Tensor grad_input = want_input ? at::zeros(input.sizes(), input.options()) : at::empty({0}, input.options());
   at::Tensor grad_grid = want_grid ? at::empty({B, Ho, Wo, 2}, grid.options()) : at::empty({0}, grid.options());
   at::Tensor grad_occ = want_occ ? at::empty({B, 1, Ho, Wo}, grid.options()) : at::empty({0}, grid.options());

@@ -1,11 +1,10 @@
-// CPU implementations of the compiled warp ops (registered for the CPU dispatch key in ops.cpp).
+// CPU implementations of the compiled warp ops (registered for the CPU dispatch key in ops_warp.cpp).
 #pragma once
 #include <array>
 #include <tuple>
 
 #include <ATen/core/Tensor.h>
 
-#include "../op_support.h"
 
 namespace dagan_fast {
 namespace cpu {

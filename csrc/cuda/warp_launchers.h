@@ -1,4 +1,4 @@
-// C interface of the torch-free CUDA warp kernels. ops.cpp (compiled by the host compiler against
+// C interface of the torch-free CUDA warp kernels. ops_warp.cpp (compiled by the host compiler against
 // PyTorch) calls these; the .cu files never see a PyTorch header. Each returns a cudaError_t code.
 #pragma once
 #include <cstdint>

@@ -69,3 +69,20 @@ def attention_simt_max_features() -> Optional[int]:
         return int(ctypes.CDLL(state.path).dagan_fast_attention_simt_max_features())
     except (OSError, AttributeError):
         return None
+
+
+def cpu_capability(detail: bool = False) -> Optional[str]:
+    """The vector level the compiled C++ CPU kernels use in this process: "default", "avx2" or
+    "avx512" (ATen's names). It is DAGAN_FAST_CPU_CAPABILITY, or ATEN_CPU_CAPABILITY when that is
+    unset (one setting forces both libraries), capped by what the CPU offers, read once per process.
+    ``detail=True`` adds the bfloat16 rounding mode: "avx512+bf16" when AVX512-BF16 instructions
+    round float32 to bfloat16. None without the compiled library (or with a build older than the
+    switch); ValueError names a bad DAGAN_FAST_CPU_CAPABILITY value.
+    """
+    if not extension().loaded or not has_kernel("cpu_capability", "CompositeExplicitAutograd"):
+        return None
+    try:
+        level = str(torch.ops.dagan_fast.cpu_capability())
+    except RuntimeError as exc:
+        raise ValueError(str(exc).splitlines()[0]) from None
+    return level if detail else level.split("+", 1)[0]

@@ -185,6 +185,42 @@ def check_keypoint_args(op: str, batch: int, kp_source, jac_source, kp_driving, 
     return K
 
 
+# Backends whose kernels take float32 keypoints with a float16/bfloat16 image; the others (one dtype
+# for every operand) get the keypoints cast to the image's dtype, and autograd casts their gradients back.
+MIXED_KEYPOINT_BACKENDS = ("cpu", "reference")
+
+
+def check_keypoint_dtypes(op: str, image_name: str, image: Tensor, kp_source: Tensor, jac_source: Optional[Tensor],
+                          kp_driving: Tensor, jac_driving: Optional[Tensor]) -> None:
+    """The dtype contract of the motion ops: the keypoints and Jacobians share one dtype and the image's
+    device; that dtype is the image's, or float32 when the image (source / mask_logits) is float16 or
+    bfloat16 (models keep keypoints in float32). Raises TypeError/ValueError naming the argument."""
+    named = (("kp_source", kp_source), ("jac_source", jac_source), ("kp_driving", kp_driving),
+             ("jac_driving", jac_driving))
+    for name, t in named:
+        if t is not None and t.device != image.device:
+            raise ValueError(f"{op}: {name} is on {t.device} but {image_name} is on {image.device}; "
+                             f"move all inputs to one device")
+    low = image.dtype in (torch.float16, torch.bfloat16)
+    need = (f"{image.dtype} or torch.float32 (float32 keypoints may go with a float16/bfloat16 {image_name})"
+            if low else f"{image.dtype}")
+    expected = kp_source.dtype if (kp_source.dtype == image.dtype or (low and kp_source.dtype == torch.float32)) \
+        else image.dtype
+    for name, t in named:
+        if t is not None and t.dtype != expected:
+            also = f" and kp_source has {expected}" if expected != image.dtype else ""
+            raise TypeError(f"{op}: {name} has dtype {t.dtype} but {image_name} has {image.dtype}{also}; the keypoints "
+                            f"and Jacobians must share one dtype, {need}")
+
+
+def _keypoints_for(backend: str, image: Tensor, *keypoints: Optional[Tensor]):
+    """(kp_source, jac_source, kp_driving, jac_driving) as ``backend`` takes them: unchanged, or cast to
+    the image's dtype for backends outside MIXED_KEYPOINT_BACKENDS (None stays None)."""
+    if keypoints[0].dtype == image.dtype or backend in MIXED_KEYPOINT_BACKENDS:
+        return keypoints
+    return tuple(t.to(image.dtype) if t is not None else None for t in keypoints)
+
+
 def sparse_motion_inputs(source: Tensor, kp_source: Tensor, jac_source: Optional[Tensor], kp_driving: Tensor,
                          jac_driving: Optional[Tensor], variance: float = 0.01, *,
                          backend: Optional[str] = None) -> Tensor:
@@ -195,17 +231,23 @@ def sparse_motion_inputs(source: Tensor, kp_source: Tensor, jac_source: Optional
     channels [heat_k, source warped by T_k], T_0 = identity, T_k(z) = kp_s + J_s inv(J_d)(z - kp_d),
     heat_k = exp(-|z-kp_d|^2/(2 variance)) - exp(-|z-kp_s|^2/(2 variance)), heat_0 = 0.
     Driving Jacobians with |det| < 1e-6 are inverted as if |det| were 1e-6 (sign kept).
+
+    Dtypes: source float16/bfloat16/float32/float64; the keypoints and Jacobians share one dtype,
+    source's or, for a float16/bfloat16 source, float32 (what models keep them in). The output is in
+    source's dtype (float16/bfloat16 computed in float32, rounded once), the keypoint gradients in the
+    keypoints' dtype.
     """
     op = SPARSE_OP
     _validate.tensor(op, "source", source, 4, "(B,C,H,W)")
     if source.shape[2] < 1 or source.shape[3] < 1:
         raise ValueError(f"{op}: source must be at least 1x1 spatially, got {_validate.describe(source)}")
     check_keypoint_args(op, source.shape[0], kp_source, jac_source, kp_driving, jac_driving)
-    _validate.same_dtype_device(op, [("source", source), ("kp_source", kp_source), ("jac_source", jac_source),
-                                     ("kp_driving", kp_driving), ("jac_driving", jac_driving)])
+    check_keypoint_dtypes(op, "source", source, kp_source, jac_source, kp_driving, jac_driving)
     variance = _validate.real_scalar(op, "variance", variance, positive=True)
     _validate.finite(op, "source", source)
     chosen = _backends.select_backend(op, [source], backend)
+    kp_source, jac_source, kp_driving, jac_driving = _keypoints_for(chosen.name, source, kp_source, jac_source,
+                                                                    kp_driving, jac_driving)
     return _sparse_op(source, kp_source, jac_source, kp_driving, jac_driving, variance, chosen.name)
 
 
@@ -216,6 +258,10 @@ def dense_motion(mask_logits: Tensor, kp_source: Tensor, jac_source: Optional[Te
     mask_logits (B,K+1,H,W), keypoints (B,K,2), Jacobians (B,K,2,2) or None -> (deformation
     (B,H,W,2) = sum_k mask_k T_k(z) on the (H,W) coordinate grid, mask (B,K+1,H,W) = softmax over
     dim 1). Same Taylor motions and Jacobian floor as ``sparse_motion_inputs``.
+
+    Dtypes: as ``sparse_motion_inputs`` with mask_logits for source: float32 keypoints may go with
+    float16/bfloat16 logits. deformation and mask come in mask_logits' dtype (float16/bfloat16
+    computed in float32, rounded once), the keypoint gradients in the keypoints' dtype.
     """
     op = DENSE_OP
     _validate.tensor(op, "mask_logits", mask_logits, 4, "(B,K+1,H,W)")
@@ -225,9 +271,9 @@ def dense_motion(mask_logits: Tensor, kp_source: Tensor, jac_source: Optional[Te
                          f"got {_validate.describe(mask_logits)}")
     if mask_logits.shape[2] < 1 or mask_logits.shape[3] < 1:
         raise ValueError(f"{op}: mask_logits must be at least 1x1 spatially, got {_validate.describe(mask_logits)}")
-    _validate.same_dtype_device(op, [("mask_logits", mask_logits), ("kp_source", kp_source),
-                                     ("jac_source", jac_source), ("kp_driving", kp_driving),
-                                     ("jac_driving", jac_driving)])
+    check_keypoint_dtypes(op, "mask_logits", mask_logits, kp_source, jac_source, kp_driving, jac_driving)
     _validate.finite(op, "mask_logits", mask_logits)
     chosen = _backends.select_backend(op, [mask_logits], backend)
+    kp_source, jac_source, kp_driving, jac_driving = _keypoints_for(chosen.name, mask_logits, kp_source, jac_source,
+                                                                    kp_driving, jac_driving)
     return _dense_op(mask_logits, kp_source, jac_source, kp_driving, jac_driving, chosen.name)

@@ -39,6 +39,12 @@ def _upcast(*tensors: Optional[Tensor]):
     return [t.float() if t is not None else None for t in tensors]
 
 
+def _grads_to(grads: Sequence[Tensor], image: Tensor, keypoints: Tensor) -> Tuple[Tensor, ...]:
+    """Float32 motion gradients (image, kp_source, jac_source, kp_driving, jac_driving) back to the
+    image's dtype and the keypoints' dtype (float32 keypoints may go with a float16/bfloat16 image)."""
+    return tuple(_to_finite(g, image.dtype if i == 0 else keypoints.dtype) for i, g in enumerate(grads))
+
+
 def _to_finite(t: Tensor, dtype: torch.dtype) -> Tensor:
     """Casts to ``dtype``, clamping to its finite range: far-away motion coordinates (a near-singular
     Jacobian gives ~1e6) must not become inf in float16."""
@@ -352,7 +358,7 @@ def sparse_motion_inputs_backward(grad: Tensor, source: Tensor, kp_source: Tenso
     if _low_precision(source.dtype):
         args = _upcast(grad, source, kp_source, jac_source, kp_driving, jac_driving)
         grads = sparse_motion_inputs_backward(*args, variance, output_mask)
-        return tuple(_to_finite(g, source.dtype) for g in grads)
+        return _grads_to(grads, source, kp_source)
     B, C, H, W = source.shape
     K = kp_source.shape[1]
     grid = make_coordinate_grid(H, W, source.dtype, source.device)
@@ -390,7 +396,12 @@ def dense_motion(mask_logits: Tensor, kp_source: Tensor, jac_source: Optional[Te
 
     mask_logits (B,K+1,H,W), kp (B,K,2), jac (B,K,2,2) or None -> (deformation (B,H,W,2) =
     sum_k mask_k T_k(z), mask (B,K+1,H,W) = softmax(mask_logits, dim=1)).
+    Float16/bfloat16 logits (with keypoints in their dtype or float32) are computed in float32 and
+    rounded once at the end.
     """
+    if _low_precision(mask_logits.dtype):
+        args = _upcast(mask_logits, kp_source, jac_source, kp_driving, jac_driving)
+        return tuple(_to_finite(t, mask_logits.dtype) for t in dense_motion(*args))
     B, K1, H, W = mask_logits.shape
     grid = make_coordinate_grid(H, W, mask_logits.dtype, mask_logits.device)
     mask = torch.softmax(mask_logits, dim=1)
@@ -407,7 +418,7 @@ def dense_motion_backward(grad_deformation: Tensor, grad_mask: Tensor, mask_logi
     if _low_precision(mask_logits.dtype):
         args = _upcast(grad_deformation, grad_mask, mask_logits, kp_source, jac_source, kp_driving, jac_driving)
         grads = dense_motion_backward(*args, output_mask)
-        return tuple(_to_finite(g, mask_logits.dtype) for g in grads)
+        return _grads_to(grads, mask_logits, kp_source)
     B, K1, H, W = mask_logits.shape
     grid = make_coordinate_grid(H, W, mask_logits.dtype, mask_logits.device)
     mask = torch.softmax(mask_logits, dim=1)
