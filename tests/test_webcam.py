@@ -198,3 +198,14 @@ def test_cli_webcam_virtual_camera_without_a_camera(monkeypatch, tmp_path, capsy
     assert sent[0].size == (80, 60) and 1 <= len(sent[0].frames) <= 3 and sent[0].frames[0].shape == (60, 80, 3)
     rc = cli.main(["webcam", "--source", str(source), "--checkpoint", str(model), "--no-window"])
     assert rc == 2 and "--no-window needs --virtual-camera" in capsys.readouterr().err
+
+
+def test_live_face_crop_waits_for_a_face_then_tracks_it():
+    from test_streaming import face
+
+    crop = webcam.LiveFaceCrop(32)
+    empty = np.full((120, 160, 3), 90, np.uint8)
+    assert crop(empty).shape == (32, 32, 3) and crop.tracker is None and crop.status == "looking for a face"
+    portrait = np.ascontiguousarray(face())
+    assert crop(portrait).shape == (32, 32, 3) and crop.tracker is not None and crop.status is None
+    assert crop.tracker.detect_every == 3
