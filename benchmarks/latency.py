@@ -259,7 +259,8 @@ def main(argv=None) -> int:
         "batch_ratio": f"{batch_fps / official_fps:.3f}" if batch_fps else "",
         "speedup_p50": f"{ratio:.3f}", "max_abs_diff": f"{agree:.2e}", "fast_conv": args.fast_conv,
         **({"paste_back_1080p_p50_ms": f"{statistics.median(paste_ms):.2f}",
-            "paste_back_share": f"{statistics.median(paste_ms) / statistics.median(stream_ms):.4f}"} if paste_ms else {}),
+            "paste_back_share": f"{statistics.median(paste_ms) / statistics.median(stream_ms):.4f}"}
+           if paste_ms else {}),
     }])
     print(f"speed-up (official-style p50 / Animator.stream p50): {ratio:.2f}x")
     return 0

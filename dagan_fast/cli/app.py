@@ -349,9 +349,12 @@ def _run_animate(args: argparse.Namespace) -> int:
         animator = _make_animator(args, model, size, full_source, reference="best" if args.find_best_frame else "first",
                                   source_box=window, paste_back=paste_back)
         # the left panel of --side-by-side: the full source with paste-back, else the model's input
-        shown_source = full_source if paste_back else (window.apply(full_source, size=size) if window is not None
-                                                       else resize_square(np.ascontiguousarray(center_square(full_source)),
-                                                                          size))
+        if paste_back:
+            shown_source = full_source
+        elif window is not None:
+            shown_source = window.apply(full_source, size=size)
+        else:
+            shown_source = resize_square(np.ascontiguousarray(center_square(full_source)), size)
         try:
             writer = VideoWriter(args.out, fps=reader.fps, audio=args.driving if args.audio else None)
         except (OSError, ValueError) as exc:

@@ -683,10 +683,10 @@ class Animator:
         stack. Yields one output per input, in order: numpy in -> (S,S,3) uint8 RGB numpy; tensor in ->
         float32 (3,S,S) tensor in [0,1] on ``device``; with ``paste_back`` every output is the (H,W,3)
         uint8 RGB numpy full-resolution source with the animated window blended in. Frames of another
-        size are centre-cropped and resized to S (``face_crop``: cut from a window fixed at the first frame). Nothing is read ahead
-        (with ``reference=k``, the outputs of frames 0..k wait for frame k). Raises ``ValueError`` for an
-        unusable frame (naming its index), and at the end when the iterable gave no frame.
-        Continuing a stream after another one keeps the reference and smoothing state; call
+        size are centre-cropped and resized to S (``face_crop``: cut from a window fixed at the first
+        frame). Nothing is read ahead (with ``reference=k``, the outputs of frames 0..k wait for frame k).
+        Raises ``ValueError`` for an unusable frame (naming its index), and at the end when the iterable
+        gave no frame. Continuing a stream after another one keeps the reference and smoothing state; call
         :meth:`reset` for a new video."""
         return self._run(frames, 1)
 
