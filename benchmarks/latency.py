@@ -1,7 +1,7 @@
 """End-to-end latency: ``dagan_fast.Animator`` against the official-style PyTorch path, same weights, same inputs.
 
     python benchmarks/latency.py [--model dagan|dagan-spade|daganpp] [--device cpu|cuda] [--dtype fp32|fp16|bf16]
-                                 [--size 256] [--frames N] [--batch B] [--warmup W]
+                                 [--size 256] [--frames N] [--batch B] [--warmup W] [--paste-back]
 
 Weights: random, non-trivial, calibrated official-layout weights (``tests/official_dagan.py``), written in the
 released file layout and loaded by ``DaGAN.from_official``: both paths run the very same numbers.
@@ -22,6 +22,10 @@ attention of each layer materialised (matmul + softmax + matmul) where its (B, N
 raw source (source depth, keypoints and features recomputed). The fast path is ``Animator.stream`` as for DaGAN.
 Also reported: the share of the fast path's frame time spent in the attention layers (timed by hooks in extra
 frames, synchronising on a GPU). Rows go to ``benchmarks/results/latency-daganpp.csv``.
+
+``--paste-back`` adds a row: the per-frame cost of pasting the streamed output back into a 1920x1080 source
+(``dagan_fast.media.paste_back.PasteBack``, a 648x648 face window: resize + feathered blend of the window and a
+copy of the frame; the mask is computed once), and its share of the ``Animator.stream`` frame time.
 
 Per-frame times (p50, p95, max, FPS) after warm-up; CUDA events on a GPU. Prints a table, then the speed-up
 ratio as the last line, and appends a row to ``benchmarks/results/latency.csv`` with provenance.
@@ -102,6 +106,8 @@ def main(argv=None) -> int:
                         help="fast path: NNPACK convolutions on the CPU (Animator(fast_conv=True), opt-in)")
     parser.add_argument("--materialize-limit-gb", type=float, default=4.0,
                         help="daganpp baseline: materialise a layer's attention map when it takes at most this")
+    parser.add_argument("--paste-back", action="store_true",
+                        help="also time pasting each output back into a 1920x1080 source (648 px window)")
     parser.add_argument("--csv", default=None, help="default: results/latency.csv (latency-daganpp.csv for daganpp)")
     args = parser.parse_args(argv)
     if args.csv is None:
@@ -181,6 +187,23 @@ def main(argv=None) -> int:
         if i >= warmup:
             stream_ms.append(ms)
 
+    # ---------------- paste-back into a 1080p source (host work per frame, after the model)
+    paste_ms = []
+    if args.paste_back:
+        from dagan_fast.media.face import CropWindow
+        from dagan_fast.media.paste_back import PasteBack
+        from dagan_fast.media.video import to_uint8
+
+        rng = np.random.default_rng(args.seed)
+        full = rng.integers(0, 256, (1080, 1920, 3), dtype=np.uint8)
+        paster = PasteBack(full, CropWindow(636, 180, 1284, 828, (1920, 1080)))
+        results = [to_uint8(o) for o in outs_fast]
+        for i, result in enumerate(results):
+            t0 = time.perf_counter()
+            paster(result)
+            if i >= warmup:
+                paste_ms.append(1000.0 * (time.perf_counter() - t0))
+
     # agreement (sanity; fp32: ~1e-5)
     with torch.no_grad():
         ref_pred, _ = official_step(dev_clip[-1], None)
@@ -218,6 +241,10 @@ def main(argv=None) -> int:
     if batch_fps is not None:
         print(f"{'animate_video batch ' + str(args.batch):<28} {'':>10} {'':>10} {'':>10} {batch_fps:8.2f}"
               f"   ({batch_fps / official_fps:.2f}x the official-style throughput)")
+    if paste_ms:
+        share = statistics.median(paste_ms) / statistics.median(stream_ms)
+        print(f"{'paste-back 1920x1080':<28} {statistics.median(paste_ms):10.1f} {percentile(paste_ms, 95):10.1f} "
+              f"{max(paste_ms):10.1f} {'':>8}   (+{100 * share:.1f}% of the Animator.stream p50)")
     print(f"max |fast - official| on the last frame: {agree:.2e}")
     info = versions()
     append_csv(args.csv, [{
@@ -231,6 +258,9 @@ def main(argv=None) -> int:
         "batch": args.batch, "batch_fps": f"{batch_fps:.3f}" if batch_fps else "",
         "batch_ratio": f"{batch_fps / official_fps:.3f}" if batch_fps else "",
         "speedup_p50": f"{ratio:.3f}", "max_abs_diff": f"{agree:.2e}", "fast_conv": args.fast_conv,
+        **({"paste_back_1080p_p50_ms": f"{statistics.median(paste_ms):.2f}",
+            "paste_back_share": f"{statistics.median(paste_ms) / statistics.median(stream_ms):.4f}"}
+           if paste_ms else {}),
     }])
     print(f"speed-up (official-style p50 / Animator.stream p50): {ratio:.2f}x")
     return 0

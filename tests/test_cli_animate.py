@@ -104,3 +104,80 @@ def test_convert_is_wired(capsys):
     with pytest.raises(SystemExit) as info:
         cli.main(["convert", "--help"])
     assert info.value.code == 0 and "--depth-encoder" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------------------------
+# paste-back, driving faces, sound and codecs
+# --------------------------------------------------------------------------------------------
+def _outside_equal(frame, source, box):
+    x0, y0, x1, y1 = box
+    outside = np.ones(source.shape[:2], bool)
+    outside[y0:y1, x0:x1] = False
+    return np.array_equal(frame[outside], source[outside])
+
+
+def test_crop_pastes_back_into_the_full_source(files, capsys):
+    from dagan_fast.media.face import crop_window
+
+    source = cv2.cvtColor(cv2.imread(files["source"]), cv2.COLOR_BGR2RGB)
+    window = crop_window(source)
+    out = files["tmp"] / "pasted/"
+    assert _animate(files, out, "--crop") == 0                         # PNG frames: lossless, exact
+    frames = list(VideoReader(str(out)))
+    assert len(frames) == 5 and frames[0].shape == source.shape         # the source's resolution
+    assert all(_outside_equal(f, source, window.box) for f in frames)
+    assert not np.array_equal(frames[2], source)
+    out = files["tmp"] / "crop_only/"
+    assert _animate(files, out, "--crop", "--no-paste-back") == 0
+    assert next(iter(VideoReader(str(out)))).shape == (SIZE, SIZE, 3)
+    out = files["tmp"] / "boxed/"
+    assert _animate(files, out, "--source-box", "40,30,120,100", "--out-size", "112x112", "--side-by-side") == 0
+    frame = next(iter(VideoReader(str(out))))
+    assert frame.shape == (112, 3 * 112, 3)                            # source | driving | result, one height
+    out = files["tmp"] / "boxed_full/"
+    assert _animate(files, out, "--source-box", "40,30,120,100") == 0
+    assert _outside_equal(next(iter(VideoReader(str(out)))), source, (40, 20, 160, 140))   # squared: side 120
+    rc = _animate(files, files["tmp"] / "x/", "--source-box", "40,30,0,100")
+    assert rc == 2 and "--source-box" in capsys.readouterr().err
+
+
+def test_driving_video_without_a_face_stops_with_a_clear_error(files, capsys):
+    from skimage import data
+
+    coffee = cv2.resize(data.coffee(), (176, 144), interpolation=cv2.INTER_AREA)
+    cycling = files["tmp"] / "cycling.avi"
+    with VideoWriter(str(cycling), fps=30.0) as w:
+        for i in range(12):
+            w.write(np.roll(coffee, 4 * i, axis=1))
+    rc = cli.main(["animate", "--source", files["source"], "--driving", str(cycling), "--out",
+                   str(files["tmp"] / "none.avi"), "--checkpoint", files["model"], "--size", str(SIZE), "--crop",
+                   "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 2 and f"--driving {cycling}" in err and "looked at frames 0, 5, 10 (3 frames)" in err
+    assert "--crop off" not in err and "leave out --crop" in err
+    rc = cli.main(["animate", "--source", files["noise"], "--driving", files["driving"], "--out",
+                   str(files["tmp"] / "none.avi"), "--checkpoint", files["model"], "--size", str(SIZE), "--crop"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--source-box" in err and "--crop off" not in err
+
+
+def test_mp4_output_is_h264_with_the_driving_sound(files, capsys):
+    av = pytest.importorskip("av")
+    from dagan_fast.media import audio
+
+    if not audio.h264_available():
+        pytest.skip("PyAV without libx264")
+    from test_media_audio import make_input
+
+    talk = make_input(files["tmp"] / "talk.mp4", frames=6)
+    out = files["tmp"] / "talk_out.mp4"
+    rc = cli.main(["animate", "--source", files["source"], "--driving", talk, "--out", str(out),
+                   "--checkpoint", files["model"], "--size", str(SIZE), "--no-progress"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert rc == 0 and lines[-2] == f"output: {SIZE}x{SIZE} h264, sound aac"
+    info = audio.probe(out)
+    assert (info["video"], info["audio"], info["frames"]) == ("h264", "aac", 6)
+    assert abs(info["audio_duration"] - 6 / 30) < 1 / 30
+    rc = cli.main(["animate", "--source", files["source"], "--driving", talk, "--out", str(out),
+                   "--checkpoint", files["model"], "--size", str(SIZE), "--no-progress", "--no-audio"])
+    assert rc == 0 and audio.probe(out)["audio"] is None and av is not None

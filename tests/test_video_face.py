@@ -221,10 +221,10 @@ def test_writer_errors(tmp_path, clip, monkeypatch):
         def release(self):
             pass
 
-    monkeypatch.setattr(video.cv2, "VideoWriter", NeverOpens)
+    monkeypatch.setattr(video.cv2, "VideoWriter", NeverOpens)   # OpenCV's writer: .avi, or a fourcc given
     with pytest.raises(OSError, match=r"cannot create video .*x.mp4.*mp4v"):
-        VideoWriter(tmp_path / "x.mp4", fps=25, size=(W, H))
-    lazy = VideoWriter(tmp_path / "y.mp4", fps=25)            # size unknown: opens at the first frame
+        VideoWriter(tmp_path / "x.mp4", fps=25, size=(W, H), fourcc="mp4v")
+    lazy = VideoWriter(tmp_path / "y.avi", fps=25)            # size unknown: opens at the first frame
     with pytest.raises(OSError, match="cannot create video"):
         lazy.write(clip[0])
 
@@ -489,7 +489,7 @@ def test_window_shifts_inside_rather_than_shrinking():
 def test_no_face_errors(detector, astronaut):
     coffee = data.coffee()
     assert detector.detect(coffee) == []
-    with pytest.raises(NoFaceError, match=r"no face found in .*--crop off") as info:
+    with pytest.raises(NoFaceError, match=r"no face found in .*leave out --crop") as info:
         crop_window(coffee, detector=detector, what="the source image")
     assert isinstance(info.value, ValueError) and "the source image" in str(info.value)
     noise = np.random.default_rng(0).integers(0, 256, (160, 160, 3), dtype=np.uint8)
@@ -511,3 +511,30 @@ def test_lfw_faces_upscaled(detector):
             x0, y0, x1, y1 = detector.detect(face)[0]
             assert x1 - x0 > 64                                       # the face fills most of the thumbnail
     assert sum(bool(detector.detect(lfw[i])) for i in range(100, 106)) <= 1
+
+
+def test_face_tracker_keeps_a_fixed_window_then_follows_the_face(astronaut, detector):
+    from dagan_fast.media.face import FaceTracker
+
+    small = cv2.resize(astronaut, (256, 256), interpolation=cv2.INTER_AREA)
+    still = [np.ascontiguousarray(small[0:H, 45 - i:45 - i + W]) for i in range(4)]     # the head moves a little
+    moved = [np.ascontiguousarray(small[0:H, 0:W])] * 8                                   # then 45 px to the right
+    tracker = FaceTracker(crop_window(still[0], detector=detector), detector=detector, smoothing=0.5)
+    first = tracker.window
+    assert all(tracker.update(f) == first for f in still) and tracker.moves == 0
+    xs = [tracker.update(f).x0 for f in moved]
+    assert tracker.moves == 1 and tracker.missed == 0
+    target = crop_window(moved[0], detector=detector)
+    assert xs[-1] == target.x0 and tracker.window.box == target.box                 # ends on the new face
+    assert xs[0] < xs[-1] and xs == sorted(xs) and len(set(xs)) > 2                 # glided there, not jumped
+    assert tracker.apply(moved[0], size=32).shape == (32, 32, 3)
+    with pytest.raises(ValueError, match="frames, frame"):
+        tracker.update(np.zeros((H + 2, W, 3), np.uint8))
+
+
+def test_video_without_a_face_names_the_frames_looked_at(tmp_path, detector):
+    coffee = cv2.resize(data.coffee(), (176, 144), interpolation=cv2.INTER_AREA)
+    path = tmp_path / "cycling.avi"
+    write_clip(path, [np.roll(coffee, 3 * i, axis=1) for i in range(12)])
+    with pytest.raises(NoFaceError, match=r"first frames of .*cycling.avi \(looked at frames 0, 5, 10 \(3 frames\)"):
+        crop_window(str(path), detector=detector, min_support=12, min_hits=0.3)

@@ -125,8 +125,14 @@ def _add_model_options(parser) -> None:
     parser.add_argument("--adapt-scale", action="store_true",
                         help="scale the motion by the source/reference keypoint hull areas")
     parser.add_argument("--crop", action="store_true",
-                        help="cut a fixed square window around the detected face of the source and of the driving "
-                             "frames (default: centre square)")
+                        help="animate the face: a square window around the detected face of the source (found once) "
+                             "and of the driving frames (tracked), pasted back into the full source (default: the "
+                             "centre square of each)")
+    parser.add_argument("--source-box", metavar="X,Y,W,H", default=None,
+                        help="the source window to animate, in source pixels (made square), instead of the detected "
+                             "face; pasted back like --crop")
+    parser.add_argument("--no-paste-back", dest="paste_back", action="store_false", default=True,
+                        help="with --crop/--source-box, output the model's square crop instead of the full source")
     parser.add_argument("--smooth", action="store_true",
                         help="One-Euro smoothing of the driving keypoints (less jitter)")
     parser.add_argument("--fast-conv", action="store_true",
@@ -154,7 +160,8 @@ def _load_model(args):
     return model, size
 
 
-def _make_animator(args, model, size: int, source_image, reference: str = "first"):
+def _make_animator(args, model, size: int, source_image, reference: str = "first", source_box=None,
+                   paste_back: bool = False):
     """The Animator for parsed options and a loaded model; user-fixable problems become CommandError."""
     import torch
 
@@ -176,7 +183,7 @@ def _make_animator(args, model, size: int, source_image, reference: str = "first
     try:
         return Animator(model, source_image, device=device, dtype=dtype, relative=args.relative,
                         adapt_scale=args.adapt_scale, reference=reference, smoothing=smoothing, size=size,
-                        fast_conv=args.fast_conv)
+                        fast_conv=args.fast_conv, source_box=source_box, paste_back=paste_back)
     except (CheckpointError, FileNotFoundError, ValueError, TypeError) as exc:
         raise CommandError(str(exc)) from None
 
@@ -194,8 +201,14 @@ def _add_animate(subparsers) -> None:
     parser.add_argument("--driving", required=True, metavar="VIDEO",
                         help="driving video (.mp4, .avi, ...), image folder or image")
     parser.add_argument("--out", required=True, metavar="VIDEO",
-                        help="output .mp4/.avi, or a folder (path ending in '/') for PNG frames")
+                        help="output .mp4/.mov/.mkv (H.264 + AAC), .webm (VP9 + Opus), .gif, .avi (MJPG, silent), or "
+                             "a folder (path ending in '/') for PNG frames + audio.wav")
     _add_model_options(parser)
+    parser.add_argument("--out-size", metavar="WxH", default=None,
+                        help="resize the animated frames to W x H pixels (default: the source's size with paste-back, "
+                             "else the model's)")
+    parser.add_argument("--no-audio", dest="audio", action="store_false", default=True,
+                        help="do not copy the driving video's sound")
     parser.add_argument("--find-best-frame", action="store_true",
                         help="reference = the driving frame (of the first 10) whose keypoints best match the source")
     parser.add_argument("--side-by-side", action="store_true", help="write source | driving | result")
@@ -219,48 +232,141 @@ def _checked_source(args: argparse.Namespace):
         raise CommandError(f"--source: {exc}") from None
 
 
+def _parse_size(text: Optional[str], what: str):
+    """"WxH" -> (W, H) positive ints, or None; CommandError naming ``what`` otherwise."""
+    if text is None:
+        return None
+    parts = text.lower().replace(" ", "").split("x")
+    try:
+        width, height = (int(p) for p in parts)
+    except ValueError:
+        width = height = 0
+    if len(parts) != 2 or width < 1 or height < 1 or width > 16384 or height > 16384:
+        raise CommandError(f"{what}: expected WxH in pixels (e.g. 1280x720), got {text!r}")
+    return width, height
+
+
+#: What to do when the source portrait shows no face the detector finds.
+_SOURCE_NO_FACE_HINT = ("pass a portrait in which a frontal face is clearly visible, give the face window by hand "
+                        "with --source-box X,Y,W,H, or leave out --crop to animate the centre square")
+#: What to do when the driving video shows no face in its first frames.
+_DRIVING_NO_FACE_HINT = ("the driving video must show a frontal face from its first seconds on (trim the start of the "
+                         "clip), or leave out --crop to use the centre square of each frame")
+
+
+def _source_window(args, source):
+    """The source CropWindow of --source-box or --crop (None without either); CommandError for user problems."""
+    from ..media.face import NoFaceError, crop_window
+    from ..media.paste_back import parse_box, window_from_xywh
+
+    height, width = source.shape[:2]
+    try:
+        if args.source_box is not None:
+            return window_from_xywh(parse_box(args.source_box), (width, height), what="--source-box")
+        if args.crop:
+            return crop_window(source, what=f"--source {args.source}", hint=_SOURCE_NO_FACE_HINT)
+    except NoFaceError as exc:
+        raise CommandError(str(exc)) from None
+    except ValueError as exc:
+        raise CommandError(str(exc)) from None
+    return None
+
+
+class _UserWarnings:
+    """Show MediaWarnings as one ``dagan-fast COMMAND: warning: ...`` line each, on stderr, while active."""
+
+    def __init__(self, command: str):
+        self.command = command
+
+    def __enter__(self):
+        import warnings
+
+        from ..media.audio import MediaWarning
+
+        self._catch = warnings.catch_warnings()
+        self._catch.__enter__()
+        warnings.simplefilter("always", MediaWarning)
+        previous = warnings.showwarning
+
+        def show(message, category, filename, lineno, file=None, line=None):
+            if issubclass(category, MediaWarning):
+                print(f"{PROG} {self.command}: warning: {message}", file=sys.stderr, flush=True)
+            else:
+                previous(message, category, filename, lineno, file, line)
+
+        warnings.showwarning = show
+        return self
+
+    def __exit__(self, *exc):
+        self._catch.__exit__(*exc)
+
+
+def _panel(image, height: int):
+    """(h, w, 3) uint8 -> resized to ``height`` rows, aspect ratio kept (for --side-by-side)."""
+    import cv2
+
+    h, w = image.shape[:2]
+    if h == height:
+        return image
+    width = max(1, int(round(w * height / h)))
+    return cv2.resize(image, (width, height), interpolation=cv2.INTER_AREA if height < h else cv2.INTER_LINEAR)
+
+
 def _run_animate(args: argparse.Namespace) -> int:
     import collections
     import time
 
+    import cv2
     import numpy as np
 
-    from ..media.face import NoFaceError, crop_window
+    from ..media.face import DRIVING_MIN_SUPPORT, FaceTracker, NoFaceError, crop_window
     from ..media.video import VideoReader, VideoWriter, center_square, resize_square
 
-    source = _checked_source(args)
+    out_size = _parse_size(args.out_size, "--out-size")
+    full_source = _checked_source(args)
     try:
         reader = VideoReader(args.driving)
     except (FileNotFoundError, ValueError, TypeError) as exc:
         raise CommandError(f"--driving: {exc}") from None
     model, size = _load_model(args)
-    with reader:
+    window = _source_window(args, full_source)
+    paste_back = window is not None and args.paste_back
+    tracker = None
+    with reader, _UserWarnings("animate"):
         try:
             if args.crop:
-                source = crop_window(source, what=f"--source {args.source}").apply(source, size=size)
-                window = crop_window(args.driving, what=f"the first frames of --driving {args.driving}")
-                prepare = lambda f: window.apply(f, size=size)  # noqa: E731
+                first = crop_window(args.driving, what=f"the first frames of --driving {args.driving}",
+                                    min_support=DRIVING_MIN_SUPPORT, min_hits=0.3, hint=_DRIVING_NO_FACE_HINT)
+                tracker = FaceTracker(first)
+                prepare = lambda f: tracker.apply(f, size=size)  # noqa: E731
             else:
-                source = resize_square(np.ascontiguousarray(center_square(source)), size)
                 prepare = lambda f: resize_square(np.ascontiguousarray(center_square(f)), size)  # noqa: E731
         except NoFaceError as exc:
             raise CommandError(f"{exc}") from None
         except ValueError as exc:
             raise CommandError(str(exc)) from None
         args._fps = reader.fps
-        animator = _make_animator(args, model, size, source, reference="best" if args.find_best_frame else "first")
+        animator = _make_animator(args, model, size, full_source, reference="best" if args.find_best_frame else "first",
+                                  source_box=window, paste_back=paste_back)
+        # the left panel of --side-by-side: the full source with paste-back, else the model's input
+        if paste_back:
+            shown_source = full_source
+        elif window is not None:
+            shown_source = window.apply(full_source, size=size)
+        else:
+            shown_source = resize_square(np.ascontiguousarray(center_square(full_source)), size)
         try:
-            writer = VideoWriter(args.out, fps=reader.fps)
+            writer = VideoWriter(args.out, fps=reader.fps, audio=args.driving if args.audio else None)
         except (OSError, ValueError) as exc:
             raise CommandError(f"--out: {exc}") from None
         fed: collections.deque = collections.deque()
 
         def driving_frames():
             for frame in reader:
-                frame = prepare(frame)
+                crop = prepare(frame)
                 if args.side_by_side:
-                    fed.append(frame)
-                yield frame
+                    fed.append(frame if paste_back else crop)
+                yield crop
 
         from tqdm.auto import tqdm
 
@@ -272,8 +378,12 @@ def _run_animate(args: argparse.Namespace) -> int:
                        else animator.animate_video(driving_frames(), batch_size=args.batch_size))
             try:
                 for out in outputs:
+                    if out_size is not None and (out.shape[1], out.shape[0]) != out_size:
+                        out = cv2.resize(out, out_size, interpolation=cv2.INTER_AREA if out_size[0] < out.shape[1]
+                                         else cv2.INTER_LINEAR)
                     if args.side_by_side:
-                        out = np.concatenate([source, fed.popleft(), out], axis=1)
+                        height = out.shape[0]
+                        out = np.concatenate([_panel(shown_source, height), _panel(fed.popleft(), height), out], axis=1)
                     writer.write(out)
                     count += 1
                     bar.update(1)
@@ -282,6 +392,12 @@ def _run_animate(args: argparse.Namespace) -> int:
             except ValueError as exc:
                 raise CommandError(f"--driving {args.driving}: {exc}") from None
         elapsed = time.perf_counter() - began
+    if tracker is not None and (tracker.moves or tracker.missed):
+        print(f"driving face: the window moved {tracker.moves} time(s); no face found in {tracker.missed} of "
+              f"{tracker.frames} frames (the window was kept there)")
+    height, width = (writer.size[1], writer.size[0]) if writer.size else (0, 0)
+    print(f"output: {width}x{height} {writer.codec}" + (f", sound {writer.audio_codec}" if writer.audio_codec else
+                                                       ", no sound"))
     print(f"{count} frames in {elapsed:.1f} s ({count / max(elapsed, 1e-9):.2f} fps) -> {args.out}")
     return 0
 
@@ -289,59 +405,82 @@ def _run_animate(args: argparse.Namespace) -> int:
 def _add_webcam(subparsers) -> None:
     parser = subparsers.add_parser(
         "webcam",
-        help="live animation: camera in, window out (needs a display)",
-        description=("Animate the --source portrait live with an OpenCV camera. Keys in the window: x re-anchors "
-                     "the reference to the current pose (look straight at the camera and press x), q or Esc quits."),
+        help="live animation: camera in, preview window and/or virtual camera out",
+        description=("Animate the --source portrait live with an OpenCV camera. A capture thread always hands the "
+                     "newest camera frame to the model (latency never accumulates). --virtual-camera sends the frames "
+                     "to a virtual camera that video-call apps can pick (pyvirtualcam; on Linux v4l2loopback, on "
+                     "Windows/macOS OBS's virtual camera). Keys in the preview window: x re-anchors the reference to "
+                     "the current pose (look straight at the camera and press x), s toggles keypoint smoothing, q or "
+                     "Esc quits; the window shows FPS and latency."),
     )
     parser.add_argument("--source", required=True, metavar="IMAGE", help="the portrait to animate")
     parser.add_argument("--camera", type=_positive_int(0, 1000, "--camera"), default=0, metavar="INDEX",
                         help="OpenCV camera index (default: %(default)s)")
     _add_model_options(parser)
+    parser.add_argument("--virtual-camera", action="store_true",
+                        help="send the animated frames to a virtual camera (pip install pyvirtualcam)")
+    parser.add_argument("--no-window", dest="window", action="store_false", default=True,
+                        help="no preview window (with --virtual-camera; Ctrl+C quits)")
+    parser.add_argument("--out-size", metavar="WxH", default=None,
+                        help="size of the frames sent out (default: the source's with paste-back, else the model's)")
+    parser.add_argument("--no-overlay", dest="overlay", action="store_false", default=True,
+                        help="no FPS/latency text in the preview window")
     parser.set_defaults(handler=_run_webcam)
 
 
 def _run_webcam(args: argparse.Namespace) -> int:
-    import cv2
-    import numpy as np
+    from ..media import webcam
 
-    from ..media.face import NoFaceError, crop_window
-    from ..media.video import VideoReader, center_square, resize_square
-
-    source = _checked_source(args)
+    out_size = _parse_size(args.out_size, "--out-size")
+    if not args.window and not args.virtual_camera:
+        raise CommandError("--no-window needs --virtual-camera (otherwise nothing would be shown)")
+    full_source = _checked_source(args)
     try:
-        reader = VideoReader(args.camera)
+        camera = webcam.open_camera(args.camera)
     except (ValueError, OSError) as exc:
-        raise CommandError(f"--camera {args.camera}: cannot open the camera ({exc})") from None
-    model, size = _load_model(args)
-    title = "dagan-fast webcam (x: re-anchor, q: quit)"
-    with reader:
+        raise CommandError(f"--camera {args.camera}: {exc}") from None
+    vcam = display = None
+    try:
+        model, size = _load_model(args)
+        window = _source_window(args, full_source)
+        paste_back = window is not None and args.paste_back
+        args._fps = camera.fps
+        animator = _make_animator(args, model, size, full_source, reference="first", source_box=window,
+                                  paste_back=paste_back)
+        prepare = webcam.LiveFaceCrop(size) if args.crop else None
+        if args.window:
+            try:
+                display = webcam.OpenCVWindow(f"{PROG} webcam (x: re-anchor, s: smoothing, q: quit)")
+            except RuntimeError as exc:
+                hint = "use --virtual-camera --no-window" if args.virtual_camera else \
+                    "use --virtual-camera --no-window, or 'dagan-fast animate' on a recorded video"
+                raise CommandError(f"{exc}; {hint}") from None
+        if args.virtual_camera:
+            height, width = full_source.shape[:2] if paste_back else (size, size)
+            width, height = out_size or (width, height)
+            try:
+                vcam = webcam.open_virtual_camera(width, height, camera.fps or 30.0)
+            except webcam.VirtualCameraError as exc:
+                raise CommandError(f"--virtual-camera: {exc}") from None
+            print(f"sending {width}x{height} frames to the virtual camera {vcam.device}", flush=True)
+        from ..media.face import NoFaceError
+
         try:
-            cv2.namedWindow(title)
-        except cv2.error:
-            raise CommandError("no display: this OpenCV cannot open windows (headless build, or no $DISPLAY); "
-                               "use 'dagan-fast animate' on a recorded video instead") from None
-        try:
-            if args.crop:
-                source = crop_window(source, what=f"--source {args.source}").apply(source, size=size)
-            else:
-                source = resize_square(np.ascontiguousarray(center_square(source)), size)
+            stats = webcam.run_live(animator, camera, prepare=prepare, virtual_camera=vcam, display=display,
+                                    overlay=args.overlay, out_size=out_size)
         except NoFaceError as exc:
             raise CommandError(str(exc)) from None
-        args._fps = None
-        animator = _make_animator(args, model, size, source, reference="first")
-        animator.face_crop = args.crop
-        try:
-            for out in animator.stream(reader):
-                cv2.imshow(title, cv2.cvtColor(out, cv2.COLOR_RGB2BGR))
-                key = cv2.waitKey(1) & 0xFF
-                if key in (ord("q"), 27):
-                    break
-                if key == ord("x"):
-                    animator.reset_reference()
-        except NoFaceError as exc:
-            raise CommandError(str(exc)) from None
-        finally:
-            cv2.destroyAllWindows()
+    finally:
+        for thing in (vcam, display, camera):
+            if thing is not None:
+                try:
+                    (thing.release if thing is camera else thing.close)()
+                except Exception:                 # noqa: BLE001 - closing is best effort
+                    pass
+    lat = sorted(stats["latency_ms"])
+    median = lat[len(lat) // 2] if lat else 0.0
+    print(f"{stats['frames']} frames animated, {stats['dropped']} camera frames skipped to stay live, median "
+          f"latency {median:.0f} ms")
     return 0
 
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import itertools
 import os
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple, Union
 
 import cv2
 import numpy as np
@@ -26,21 +26,35 @@ import torch
 
 from .video import VideoReader, as_rgb_uint8, describe, is_path, read_image, resize_square
 
-__all__ = ["NoFaceError", "FaceDetector", "CropWindow", "crop_window", "window_from_box", "DEFAULT_MARGIN"]
+__all__ = ["NoFaceError", "FaceDetector", "CropWindow", "FaceTracker", "crop_window", "window_from_box",
+           "box_iou", "DEFAULT_MARGIN", "DRIVING_MIN_SUPPORT", "NO_FACE_HINT"]
 
 Box = Tuple[int, int, int, int]
 
 #: Side of the crop window relative to the detected face box (see :func:`crop_window`).
 DEFAULT_MARGIN = 1.8
+#: Detections with less support (merged cascade hits) are ignored in driving videos: real faces gather
+#: tens (17-39 on this project's test faces), false positives on textures a handful (9 on
+#: scikit-image's immunohistochemistry slide).
+DRIVING_MIN_SUPPORT = 12
+
+
+#: What to do when no face is found (the command line's and the API's names of the same switches).
+NO_FACE_HINT = ("use an image or video in which a frontal face is clearly visible, or animate without face "
+                "cropping (leave out --crop on the command line, face_crop=False in the API: the centre square "
+                "is used)")
 
 
 class NoFaceError(ValueError):
-    """No face was found where one was required (a non-face image, or no frames at all)."""
+    """No face was found where one was required (a non-face image, or no frames at all).
 
-    def __init__(self, what: str, detail: str = ""):
+    ``what`` names the input (e.g. "--driving talk.mp4"), ``detail`` says what was looked at, ``hint``
+    what to do instead (default :data:`NO_FACE_HINT`)."""
+
+    def __init__(self, what: str, detail: str = "", hint: Optional[str] = None):
         self.what = what
-        super().__init__(f"no face found in {what}{detail}; pass a cropped portrait or disable cropping "
-                         "(--crop off)")
+        self.detail = detail
+        super().__init__(f"no face found in {what}{detail}; {hint or NO_FACE_HINT}")
 
 
 def _cascade_path() -> str:
@@ -133,6 +147,22 @@ class FaceDetector:
         if len(boxes) == 0:
             return None
         return boxes[int(np.argmax(support))]       # argmax keeps the first (largest) among ties
+
+    def best_face_supported(self, frame, min_support: int = 0,
+                            near: Optional[Sequence[float]] = None) -> Optional[np.ndarray]:
+        """Like :meth:`best_face`, ignoring detections with support below ``min_support``; with ``near``
+        (an (x0, y0, x1, y1) box), the detection overlapping it most (IoU) wins, then support. None when
+        nothing is left."""
+        boxes, support = self.detect_scored(frame)
+        keep = support >= int(min_support)
+        boxes, support = boxes[keep], support[keep]
+        if len(boxes) == 0:
+            return None
+        if near is not None:
+            ious = np.array([box_iou(b, near) for b in boxes])
+            if ious.max() > 0:
+                return boxes[int(np.lexsort((-support, -ious))[0])]
+        return boxes[int(np.argmax(support))]
 
     def detect(self, frame) -> List[Box]:
         """Faces in ``frame`` ((H, W, 3) uint8 RGB, or anything ``read_image`` accepts) as a list of
@@ -246,9 +276,26 @@ def _frames_to_scan(source, max_frames: int, stride: int, what: Optional[str]):
     return itertools.islice(iterator, 0, max_frames * stride, stride), what or "the first frames", None
 
 
+def _frame_list(indices: List[int]) -> str:
+    """"frames 0, 5, 10, ..., 45 (10 frames)"-style text."""
+    text = ", ".join(str(i) for i in indices) if len(indices) <= 6 else \
+        ", ".join(str(i) for i in indices[:3]) + ", ..., " + str(indices[-1])
+    return f"frames {text} ({len(indices)} frames)" if len(indices) > 1 else f"frame {text}"
+
+
+def box_iou(a: Sequence[float], b: Sequence[float]) -> float:
+    """Intersection over union of two (x0, y0, x1, y1) boxes (0 when either is empty)."""
+    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = ix * iy
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return float(inter / union) if union > 0 else 0.0
+
+
 def crop_window(source, margin: float = DEFAULT_MARGIN, detector: Optional[FaceDetector] = None,
                 max_frames: int = 10, stride: int = 5, combine: str = "union",
-                what: Optional[str] = None) -> CropWindow:
+                what: Optional[str] = None, min_support: int = 0, min_hits: Union[int, float] = 1,
+                hint: Optional[str] = None) -> CropWindow:
     """Fixed square face window for an image or a video, like the official preprocessing.
 
     ``source``: one frame ((H, W, 3) array, tensor, or an image path), or a video: a path, a
@@ -257,7 +304,10 @@ def crop_window(source, margin: float = DEFAULT_MARGIN, detector: Optional[FaceD
     pass a path or a list to read the frames again); the main face of each frame is kept
     (:meth:`FaceDetector.best_face`: the best-supported detection) and the boxes are combined
     (``combine="union"``: the official tube box, joined over the frames after dropping outliers;
-    ``"median"``: the median box). Frames without a face are skipped.
+    ``"median"``: the median box). Frames without a face are skipped. ``min_support``: detections with
+    fewer merged cascade hits are ignored (:data:`DRIVING_MIN_SUPPORT` for driving videos); ``min_hits``:
+    how many of the frames looked at must hold a face (an int, or a float fraction of them, at least
+    one), else the source counts as having no face (a stray false detection in a video without a face).
 
     ``margin``: window side / face box side. The Haar box spans roughly eyebrows to chin and cheek to
     cheek; VoxCeleb crops, which DaGAN is trained on, show the whole head with hair, the neck and the
@@ -267,7 +317,8 @@ def crop_window(source, margin: float = DEFAULT_MARGIN, detector: Optional[FaceD
     The window is square, centred on the box, shifted (not shrunk) to stay inside the frame; it is
     shrunk only when larger than the frame's shorter side. ``what`` names the source in errors.
 
-    Raises :class:`NoFaceError` (a ``ValueError``) when no frame holds a face or the source has no frames.
+    Raises :class:`NoFaceError` (a ``ValueError``) when too few frames hold a face, naming the source and
+    the frames looked at (``hint``: what to do, default :data:`NO_FACE_HINT`), or when it has no frames.
     """
     if combine not in ("union", "median"):
         raise ValueError(f"combine must be 'union' or 'median', got {combine!r}")
@@ -275,9 +326,10 @@ def crop_window(source, margin: float = DEFAULT_MARGIN, detector: Optional[FaceD
         raise ValueError(f"max_frames and stride must be >= 1, got {max_frames} and {stride}")
     detector = detector or FaceDetector()
     frames, name, reader = _frames_to_scan(source, max_frames, stride, what)
-    boxes, frame_size, count = [], None, 0
+    boxes, frame_size, count, looked = [], None, 0, []
     try:
         for index, frame in enumerate(frames):
+            looked.append(index * stride)
             image = as_rgb_uint8(frame, what=f"frame {index * stride} of {name}")
             size = (image.shape[1], image.shape[0])
             if frame_size is None:
@@ -286,15 +338,113 @@ def crop_window(source, margin: float = DEFAULT_MARGIN, detector: Optional[FaceD
                 raise ValueError(f"crop_window: frames of {name} change size ({frame_size[0]}x{frame_size[1]} "
                                  f"then {size[0]}x{size[1]}); one window needs one frame size")
             count += 1
-            face = detector.best_face(image)
+            face = detector.best_face_supported(image, min_support) if min_support else detector.best_face(image)
             if face is not None:
                 boxes.append(face)
     finally:
         if reader is not None:
             reader.close()
     if count == 0:
-        raise NoFaceError(name, ": it contains no frames")
-    if not boxes:
-        raise NoFaceError(name)
+        raise NoFaceError(name, ": it contains no frames", hint)
+    needed = max(1, int(np.ceil(min_hits * count)) if isinstance(min_hits, float) else int(min_hits))
+    if len(boxes) < needed:
+        seen = "" if count == 1 else f" (looked at {_frame_list(looked)}; a face in {len(boxes)}, needed {needed})"
+        raise NoFaceError(name, seen, hint)
     face = _combine(np.stack(boxes), combine)
     return window_from_box(face, frame_size, margin)
+
+
+class FaceTracker:
+    """Per-frame face window for a driving video: fixed while the head moves little, moved (smoothly) when
+    the face leaves it.
+
+    The authors' preprocessing (FOMM/DaGAN ``crop-video.py``) cuts a video into "tubes": a tube continues
+    while each frame's face box overlaps the tube's first box with IoU above 0.25, and every frame of a tube
+    is cut with one fixed window. This is the causal version: ``window`` (e.g. from :func:`crop_window` over
+    the first frames) is kept while the face detected in each frame overlaps the box the window was built
+    from (``anchor``) with IoU >= ``iou_threshold`` and lies inside the window. When it does not, a new
+    target window is built around the new face (:func:`window_from_box`, ``margin``) and the window glides
+    to it: each frame it moves ``smoothing`` of the remaining way (centre and side; 1.0 jumps at once), and
+    snaps when within a pixel. Frames where the detector finds no face (support below ``min_support``)
+    keep the current window (``missed`` counts them).
+
+    ``detect_every``: run the detector on every n-th frame only (the window is kept in between).
+    Attributes: ``window`` (the current :class:`CropWindow`), ``frames`` (frames seen), ``missed``,
+    ``moves`` (times the face left the window).
+
+        tracker = FaceTracker(crop_window("talk.mp4", min_support=DRIVING_MIN_SUPPORT))
+        for frame in iter_frames("talk.mp4"):
+            face = tracker.apply(frame, size=256)      # (256, 256, 3) uint8 RGB
+    """
+
+    def __init__(self, window: CropWindow, detector: Optional[FaceDetector] = None, margin: float = DEFAULT_MARGIN,
+                 iou_threshold: float = 0.25, smoothing: float = 0.3, min_support: int = DRIVING_MIN_SUPPORT,
+                 detect_every: int = 1):
+        if not isinstance(window, CropWindow):
+            raise TypeError(f"FaceTracker: window must be a CropWindow (from crop_window), got {type(window).__name__}")
+        if not 0.0 < smoothing <= 1.0:
+            raise ValueError(f"FaceTracker: smoothing must be in (0, 1], got {smoothing!r}")
+        if not 0.0 <= iou_threshold < 1.0:
+            raise ValueError(f"FaceTracker: iou_threshold must be in [0, 1), got {iou_threshold!r}")
+        if not isinstance(detect_every, (int, np.integer)) or detect_every < 1:
+            raise ValueError(f"FaceTracker: detect_every must be an int >= 1, got {detect_every!r}")
+        self.detector = detector or FaceDetector()
+        self.margin = float(margin)
+        self.iou_threshold = float(iou_threshold)
+        self.smoothing = float(smoothing)
+        self.min_support = int(min_support)
+        self.detect_every = int(detect_every)
+        self.window = window
+        face = window.face if window.face is not None else window.box
+        self.anchor = tuple(float(v) for v in face)
+        self._target: Optional[CropWindow] = None
+        self._state = np.array([(window.x0 + window.x1) / 2.0, (window.y0 + window.y1) / 2.0, float(window.side)])
+        self.frames = 0
+        self.missed = 0
+        self.moves = 0
+
+    def _inside(self, face: Sequence[float]) -> bool:
+        w = self._target or self.window          # while gliding, the window it is gliding to
+        return face[0] >= w.x0 and face[1] >= w.y0 and face[2] <= w.x1 and face[3] <= w.y1
+
+    def _place(self, cx: float, cy: float, side: float) -> CropWindow:
+        width, height = self.window.frame_size
+        side_i = max(1, min(int(round(side)), width, height))
+        if side_i > 1 and side_i % 2:
+            side_i -= 1
+        left = min(max(int(round(cx - side_i / 2.0)), 0), width - side_i)
+        top = min(max(int(round(cy - side_i / 2.0)), 0), height - side_i)
+        return CropWindow(left, top, left + side_i, top + side_i, (width, height), face=self.anchor)
+
+    def update(self, frame) -> CropWindow:
+        """Look at one (H, W, 3) frame (of the window's frame size) and return the window to cut it with."""
+        image = read_image(frame, what="frame given to FaceTracker.update")
+        got = (image.shape[1], image.shape[0])
+        if got != tuple(self.window.frame_size):
+            raise ValueError(f"FaceTracker: the window is for {self.window.frame_size[0]}x{self.window.frame_size[1]} "
+                             f"frames, frame {self.frames} is {got[0]}x{got[1]}")
+        if self.frames % self.detect_every == 0:
+            face = self.detector.best_face_supported(image, self.min_support, near=self.anchor)
+            if face is None:
+                self.missed += 1
+            elif box_iou(face, self.anchor) < self.iou_threshold or not self._inside(face):
+                self.anchor = tuple(float(v) for v in face)
+                self._target = window_from_box(face, got, self.margin)
+                self.moves += 1
+        self.frames += 1
+        if self._target is not None:
+            t = self._target
+            goal = np.array([(t.x0 + t.x1) / 2.0, (t.y0 + t.y1) / 2.0, float(t.side)])
+            self._state = self._state + self.smoothing * (goal - self._state)
+            if np.abs(goal - self._state).max() <= 1.0:
+                self._state = goal
+                self.window = CropWindow(t.x0, t.y0, t.x1, t.y1, t.frame_size, face=self.anchor)
+                self._target = None
+            else:
+                self.window = self._place(*self._state)
+        return self.window
+
+    def apply(self, frame, size: Optional[int] = None) -> np.ndarray:
+        """:meth:`update` with ``frame``, then cut it: (side, side, 3) uint8, or (size, size, 3) with ``size``."""
+        image = read_image(frame, what="frame given to FaceTracker.apply")
+        return self.update(image).apply(image, size=size)

@@ -20,14 +20,17 @@ Rejected with a ``ValueError`` that names the argument and the shape/dtype it go
     than one frame where one frame is expected, bool/complex/object dtypes, floats with NaN/inf or
     outside [-0.1, 1.1] (a [0, 255] float image: divide by 255 first), integers outside [0, 255].
 
-Videos are read and written with OpenCV (FFmpeg backend), never through imageio-ffmpeg: .mp4/.m4v/.mov/
-.mkv are written with the 'mp4v' codec and .avi with 'MJPG' (both round-trip with the opencv-python
-wheels; 'avc1'/H.264 does not open there). Image folders hold numbered PNG files.
+Videos are read with OpenCV (FFmpeg backend). They are written with PyAV where it is installed (a
+dependency): .mp4/.m4v/.mov/.mkv as H.264 + AAC, .webm as VP9 + Opus, .gif as a looping GIF, with the sound of
+another file (the driving video) when asked (``dagan_fast.media.audio`` says why PyAV and what each output
+holds); .avi with OpenCV's 'MJPG'; without PyAV, .mp4 falls back to OpenCV's 'mp4v' with a warning ('avc1'/H.264
+does not open with the opencv-python wheels). Image folders hold numbered PNG files.
 """
 from __future__ import annotations
 
 import os
 import re
+import warnings
 from typing import Iterable, Iterator, List, Optional, Tuple, Union
 
 import cv2
@@ -59,8 +62,10 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp")
 _SINGLE_IMAGE_EXTENSIONS = IMAGE_EXTENSIONS + (".tif", ".tiff", ".webp", ".ppm", ".pgm")
 #: Video containers :class:`VideoReader` opens with OpenCV (anything else not an image is tried too).
 VIDEO_EXTENSIONS = (".mp4", ".m4v", ".mov", ".mkv", ".avi", ".webm", ".mpg", ".mpeg", ".wmv", ".flv", ".gif")
-#: Codec per output extension for :class:`VideoWriter`.
+#: OpenCV codec per output extension (.avi always; .mp4/.m4v/.mov/.mkv only without PyAV, see VideoWriter).
 _WRITE_FOURCC = {".mp4": "mp4v", ".m4v": "mp4v", ".mov": "mp4v", ".mkv": "mp4v", ".avi": "MJPG"}
+#: Extensions :class:`VideoWriter` writes (besides image folders).
+_WRITE_EXTENSIONS = (".mp4", ".m4v", ".mov", ".mkv", ".webm", ".gif", ".avi")
 #: Frame rate assumed for image folders, single images and videos that report none (VoxCeleb's rate).
 DEFAULT_FPS = 25.0
 
@@ -413,25 +418,40 @@ class VideoReader:
 # --------------------------------------------------------------------------------------------
 class VideoWriter:
     """Write (H, W, 3) uint8 RGB frames (or any image :func:`read_image` accepts, e.g. float tensors in
-    [0, 1] of shape (3, H, W), (1, 3, H, W) or (H, W, 3)) to a video file or an image folder.
+    [0, 1] of shape (3, H, W), (1, 3, H, W) or (H, W, 3)) to a video file, an animated GIF or an image folder,
+    optionally with the sound of another file.
 
-    ``path``: .mp4/.m4v/.mov/.mkv (codec 'mp4v') or .avi ('MJPG'); a path ending in '/', an existing
-    folder or a path with no extension is an image folder (000000.png, 000001.png, ...; lossless;
-    existing files of the same names are overwritten). Other extensions raise ``ValueError``.
+    ``path`` decides the output (``dagan_fast.media.audio`` has the table): .mp4/.m4v/.mov/.mkv: H.264 with
+    AAC sound (PyAV); .webm: VP9 with Opus sound (PyAV); .gif: looping animated GIF (PyAV; no sound); .avi:
+    Motion JPEG (OpenCV; no sound); a path ending in '/', an existing folder or a path with no extension:
+    an image folder (000000.png, 000001.png, ...; lossless; existing files of the same names are
+    overwritten; the sound goes to audio.wav beside them). Other extensions raise ``ValueError``.
+    Without PyAV (or without libx264 in it), .mp4/.m4v/.mov/.mkv are written by OpenCV with 'mp4v'
+    (MPEG-4 Part 2: many browsers and phones do not play it) and no sound, with a :class:`MediaWarning`.
     ``fps``: frames per second (> 0). ``size``: (W, H); if None, the first frame fixes it. A later frame
     of another size raises ``ValueError`` (resize frames yourself: the writer never does silently).
-    ``fourcc``: override the codec (4 characters) for video files.
+    ``fourcc``: force OpenCV's writer with this codec (4 characters), e.g. "mp4v" (no sound).
+    ``audio``: a media file (the driving video) whose sound the output carries, aligned to its first video
+    frame and cut to exactly ``frames_written / fps`` seconds (``dagan_fast.media.audio.AudioTrack``); a file
+    without sound, an image or a folder adds none. Outputs that cannot hold sound (.gif, .avi, ``fourcc``)
+    warn that it is dropped.
 
-    mp4v and MJPG (yuv420) need even sizes; OpenCV would silently crop odd ones. An odd width/height is
-    instead padded by one replicated pixel column/row, so the file is (W + W%2, H + H%2) and nothing is lost.
+    Codecs that store yuv420 (H.264, VP9, mp4v, MJPG) need even sizes (OpenCV would silently crop odd
+    ones): an odd width/height is padded by one replicated pixel column/row, so the file is
+    (W + W%2, H + H%2) and nothing is lost.
     The parent folder is created if needed; a location that cannot be written raises ``OSError`` (at
-    construction when possible, else at the first frame, when OpenCV's writer must open: ``isOpened()``
-    is checked). If no frame was written and no size was given, no file is created.
-    A context manager: leaving the ``with`` block (or ``close()``) finalises the file.
+    construction when possible, else at the first frame, when the encoder opens). If no frame was written
+    and no size was given, no file is created.
+    Attributes after opening: ``codec`` (what the video is written with: "h264", "vp9", "gif", "png",
+    "mp4v", "MJPG", ...), ``audio_codec`` ("aac", "opus", "pcm_s16le" or None), ``backend`` ("pyav",
+    "opencv" or "png"), ``frames_written``, ``size``.
+    A context manager: leaving the ``with`` block (or ``close()``) finalises the file (and the sound).
     """
 
     def __init__(self, path: PathLike, fps: float = DEFAULT_FPS, size: Optional[Tuple[int, int]] = None,
-                 fourcc: Optional[str] = None):
+                 fourcc: Optional[str] = None, audio=None):
+        from . import audio as _audio
+
         if not is_path(path):
             raise TypeError(f"VideoWriter: expected an output path, got {type(path).__name__}")
         raw = os.fspath(path)
@@ -439,28 +459,68 @@ class VideoWriter:
         self.fps = _check_fps(fps)
         self.size: Optional[Tuple[int, int]] = None
         self.frames_written = 0
-        self._writer = None
+        self.audio_codec: Optional[str] = None
+        self._writer = None                  # OpenCV writer
+        self._container = None               # PyAV output container (video files and GIFs)
+        self._stream = None
+        self._graph = None                   # GIF palette filter graph
+        self._audio_encoder = None
+        self._track = None
         self._closed = False
         ext = os.path.splitext(self.path)[1].lower()
         folder_like = raw.endswith(("/", os.sep)) or os.path.isdir(raw) or ext == ""
+        self._ext = ext
         if folder_like:
             self.kind = "folder"
             self.fourcc = None
+            self.backend, self.codec = "png", "png"
             self._make_dirs(self.path, "output folder")
         else:
             if ext in _SINGLE_IMAGE_EXTENSIONS:
                 raise ValueError(f"VideoWriter({raw!r}): {ext} is an image extension; write a video "
-                                 f"({', '.join(_WRITE_FOURCC)}) or an image folder (a path ending in '/')")
-            if fourcc is None and ext not in _WRITE_FOURCC:
+                                 f"({', '.join(_WRITE_EXTENSIONS)}) or an image folder (a path ending in '/')")
+            if fourcc is None and ext not in _WRITE_EXTENSIONS:
                 raise ValueError(f"VideoWriter({raw!r}): unsupported video extension {ext!r}; use one of "
-                                 f"{', '.join(_WRITE_FOURCC)}, or a path ending in '/' for an image folder")
+                                 f"{', '.join(_WRITE_EXTENSIONS)}, or a path ending in '/' for an image folder")
             self.kind = "video"
-            self.fourcc = fourcc or _WRITE_FOURCC[ext]
-            if len(self.fourcc) != 4:
-                raise ValueError(f"VideoWriter: fourcc must have 4 characters, got {self.fourcc!r}")
             if os.path.isdir(self.path):
                 raise ValueError(f"VideoWriter: {self.path} is an existing folder, not a video file name")
             self._make_dirs(os.path.dirname(os.path.abspath(self.path)), "folder for the video")
+            wanted = _audio.OUTPUT_FORMATS.get(ext, (None, None))[0]
+            if fourcc is not None or wanted == "MJPG":
+                self.backend, self.fourcc = "opencv", fourcc or _WRITE_FOURCC[ext]
+            elif _audio.has_encoder(wanted):
+                self.backend, self.fourcc = "pyav", None
+            elif ext in _WRITE_FOURCC:
+                self.backend, self.fourcc = "opencv", _WRITE_FOURCC[ext]
+                why = _audio.PYAV_MISSING if _audio.pyav() is None else f"this PyAV's FFmpeg has no {wanted} encoder"
+                warnings.warn(f"{self.path}: written as MPEG-4 Part 2 ('mp4v') without sound, which many browsers and "
+                              f"phones do not play: {why}", _audio.MediaWarning, stacklevel=2)
+            else:
+                why = _audio.PYAV_MISSING if _audio.pyav() is None else f"this PyAV's FFmpeg has no {wanted} encoder"
+                raise ValueError(f"VideoWriter({raw!r}): cannot write {ext} here: {why}; write .mp4 or .avi instead")
+            if self.backend == "opencv" and len(self.fourcc) != 4:
+                raise ValueError(f"VideoWriter: fourcc must have 4 characters, got {self.fourcc!r}")
+            self.codec = {"libx264": "h264", "libvpx-vp9": "vp9", "gif": "gif"}.get(wanted) \
+                if self.backend == "pyav" else self.fourcc
+        if audio is not None:
+            if isinstance(audio, _audio.AudioTrack):
+                self._track = audio
+            elif is_path(audio):
+                rate = 48000 if ext == ".webm" else None
+                self._track = _audio.AudioTrack.open(audio, rate=rate,
+                                                     warn_missing_pyav=self.backend != "opencv")
+            else:
+                raise TypeError(f"VideoWriter: audio must be a path or an AudioTrack, got {type(audio).__name__}")
+            holds_sound = self.kind == "folder" or (self.backend == "pyav" and ext != ".gif")
+            if self._track is not None and not holds_sound:
+                what = "GIF has no sound" if ext == ".gif" else f"{self.codec!r} via OpenCV is written without sound"
+                warnings.warn(f"{self.path}: the sound of {self._track.path} is dropped ({what}); write .mp4, .webm "
+                              "or an image folder to keep it", _audio.MediaWarning, stacklevel=2)
+                self._track.close()
+                self._track = None
+            if self._track is not None and self.kind == "folder" and _audio.pyav() is None:
+                self._track = None
         if size is not None:
             if (not isinstance(size, (tuple, list)) or len(size) != 2
                     or not all(isinstance(v, (int, np.integer)) and v > 0 for v in size)):
@@ -479,6 +539,9 @@ class VideoWriter:
             raise OSError(f"cannot write to the {what} {folder}: permission denied")
 
     def _open(self) -> None:
+        if self.backend == "pyav":
+            self._open_pyav()
+            return
         width, height = self.size
         padded = (width + width % 2, height + height % 2)
         writer = cv2.VideoWriter(self.path, cv2.VideoWriter_fourcc(*self.fourcc), self.fps, padded)
@@ -488,6 +551,79 @@ class VideoWriter:
                           f"{self.fourcc!r} (is the location writable? 'mp4v' for .mp4, 'MJPG' for .avi work "
                           "with the opencv-python wheels)")
         self._writer = writer
+
+    def _open_pyav(self) -> None:
+        import av
+        from fractions import Fraction
+
+        from .audio import AudioEncoder, OUTPUT_FORMATS
+
+        width, height = self.size
+        rate = Fraction(self.fps).limit_denominator(1001 * 1000)
+        try:
+            container = av.open(self.path, "w")
+        except Exception as exc:                  # noqa: BLE001 - av.error.* (permissions, bad path)
+            raise OSError(f"cannot create video {self.path}: {exc}") from None
+        video_codec, audio_codec = OUTPUT_FORMATS[self._ext]
+        try:
+            if video_codec == "gif":
+                stream = container.add_stream("gif", rate=rate)
+                stream.width, stream.height = width, height
+                stream.pix_fmt = "pal8"
+                self._graph = self._gif_palette_graph(width, height, rate)
+            else:
+                options = ({"crf": "18", "preset": "fast"} if video_codec == "libx264" else
+                           {"crf": "32", "b": "0", "deadline": "good", "cpu-used": "5", "row-mt": "1"})
+                stream = container.add_stream(video_codec, rate=rate, options=options)
+                stream.width, stream.height = width + width % 2, height + height % 2
+                stream.pix_fmt = "yuv420p"
+            stream.codec_context.time_base = 1 / rate
+            if self._track is not None and audio_codec is not None:
+                self._audio_encoder = AudioEncoder(container, audio_codec, self._track,
+                                                   bit_rate=160_000 if audio_codec == "aac" else 128_000)
+                self.audio_codec = "opus" if audio_codec == "libopus" else audio_codec
+        except Exception:
+            container.close()
+            raise
+        self._container, self._stream = container, stream
+
+    @staticmethod
+    def _gif_palette_graph(width: int, height: int, rate):
+        """rgb24 -> pal8 with a palette computed per frame (palettegen stats_mode=single, paletteuse new=1)."""
+        import av.filter
+
+        graph = av.filter.Graph()
+        src = graph.add_buffer(width=width, height=height, format="rgb24", time_base=1 / rate)
+        split = graph.add("split")
+        palette = graph.add("palettegen", "stats_mode=single")
+        use = graph.add("paletteuse", "new=1")
+        sink = graph.add("buffersink")
+        src.link_to(split)
+        split.link_to(use, 0, 0)
+        split.link_to(palette, 1, 0)
+        palette.link_to(use, 0, 1)
+        use.link_to(sink)
+        graph.configure()
+        return graph
+
+    def _encode(self, frame) -> None:
+        """Encode one av.VideoFrame (None flushes), through the GIF palette graph when there is one."""
+        import av
+
+        frames = [frame]
+        if self._graph is not None:
+            self._graph.push(frame)
+            frames = []
+            while True:
+                try:
+                    frames.append(self._graph.pull())
+                except (av.error.BlockingIOError, av.error.EOFError):
+                    break
+            if frame is None:
+                frames.append(None)
+        for item in frames:
+            for packet in self._stream.encode(item):
+                self._container.mux(packet)
 
     def write(self, frame) -> None:
         """Append one frame: (H, W, 3) uint8 RGB or anything :func:`read_image` accepts."""
@@ -501,12 +637,24 @@ class VideoWriter:
             raise ValueError(f"frame {self.frames_written} written to {self.path} is {size[0]}x{size[1]} (WxH) "
                              f"but the output is {self.size[0]}x{self.size[1]}; all frames must have one size "
                              "(resize them first)")
-        bgr = cv2.cvtColor(image, cv2.COLOR_RGB2BGR)
         if self.kind == "folder":
             name = os.path.join(self.path, f"{self.frames_written:06d}.png")
-            if not cv2.imwrite(name, bgr):
+            if not cv2.imwrite(name, cv2.cvtColor(image, cv2.COLOR_RGB2BGR)):
                 raise OSError(f"cannot write {name}")
+        elif self.backend == "pyav":
+            import av
+
+            if self._container is None:
+                self._open()
+            if self._graph is None and (size[0] % 2 or size[1] % 2):
+                image = cv2.copyMakeBorder(image, 0, size[1] % 2, 0, size[0] % 2, cv2.BORDER_REPLICATE)
+            video_frame = av.VideoFrame.from_ndarray(image, format="rgb24")
+            video_frame.pts = self.frames_written
+            self._encode(video_frame)
+            if self._audio_encoder is not None:       # interleave: the sound up to the end of this frame
+                self._audio_encoder.until((self.frames_written + 1) / self.fps)
         else:
+            bgr = cv2.cvtColor(image, cv2.COLOR_RGB2BGR)
             if self._writer is None:
                 self._open()
             if size[0] % 2 or size[1] % 2:
@@ -523,11 +671,31 @@ class VideoWriter:
         return count
 
     def close(self) -> None:
-        """Finalise and release the file (idempotent)."""
-        if self._writer is not None:
-            self._writer.release()
-            self._writer = None
+        """Finalise and release the file, with its sound cut to ``frames_written / fps`` seconds (idempotent)."""
+        if self._closed:
+            return
         self._closed = True
+        duration = self.frames_written / self.fps
+        try:
+            if self._writer is not None:
+                self._writer.release()
+                self._writer = None
+            if self._container is not None:
+                try:
+                    self._encode(None)
+                    if self._audio_encoder is not None:
+                        self._audio_encoder.finish(duration)
+                finally:
+                    self._container.close()
+                    self._container = None
+            elif self.kind == "folder" and self._track is not None and self.frames_written:
+                from .audio import write_wav
+
+                write_wav(self._track, os.path.join(self.path, "audio.wav"), duration)
+                self.audio_codec = "pcm_s16le"
+        finally:
+            if self._track is not None:
+                self._track.close()
 
     def __enter__(self) -> "VideoWriter":
         return self
@@ -536,7 +704,8 @@ class VideoWriter:
         self.close()
 
     def __repr__(self) -> str:
-        return f"VideoWriter({self.path!r}, kind={self.kind}, fps={self.fps:g}, size={self.size})"
+        return (f"VideoWriter({self.path!r}, kind={self.kind}, codec={self.codec}, audio={self.audio_codec}, "
+                f"fps={self.fps:g}, size={self.size})")
 
 
 # --------------------------------------------------------------------------------------------

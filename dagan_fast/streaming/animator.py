@@ -223,6 +223,13 @@ class Animator:
     ``cuda_graphs``: capture the per-frame work in CUDA graphs (default: on for CUDA devices).
     ``fast_conv``: on the CPU in float32, run the stride-1 convolutions with NNPACK (``models.fast_conv``):
     ~3x faster 3x3 convolutions, outputs within ~3e-5 of the default path (opt-in).
+    ``source_box``: the source window the model sees, (x, y, w, h) in source pixels (made square: side
+    max(w, h), centred, shifted inside the image) or a ``dagan_fast.media.face.CropWindow``; default: the
+    detected face window with ``face_crop=True``, else the centre square.
+    ``paste_back``: every output is the full-resolution source, (H, W, 3) uint8 RGB numpy whatever the
+    input kind, with the animated window blended in under a feathered mask
+    (``dagan_fast.media.paste_back.PasteBack``; pixels outside the window are the source's exactly).
+    The window is found once, in :meth:`set_source`; per frame only the window is resized and blended.
 
     Attributes: ``model``, ``device``, ``dtype``, ``size``, ``prepared`` (the cached source work:
     ``image`` (1,3,S,S), ``depth`` (1,1,S,S), ``kp`` {"value": (1,K,2), "jacobian": (1,K,2,2)},
@@ -234,7 +241,8 @@ class Animator:
                  adapt_scale: bool = False, reference: Union[str, int] = "first", smoothing=None,
                  face_crop: bool = False, size: Optional[int] = None, best_frames: int = DEFAULT_BEST_FRAMES,
                  fps: Optional[float] = None, optimize: bool = True, compile: bool = False,
-                 cuda_graphs: Optional[bool] = None, fast_conv: bool = False, depth_encoder=None, depth_decoder=None):
+                 cuda_graphs: Optional[bool] = None, fast_conv: bool = False, depth_encoder=None, depth_decoder=None,
+                 paste_back: bool = False, source_box=None):
         loaded = load_model(model, depth_encoder=depth_encoder, depth_decoder=depth_decoder)
         for attr in ("depth", "kp_detector", "generator", "size_multiple"):
             if not hasattr(loaded, attr):
@@ -299,6 +307,9 @@ class Animator:
         self.best_frames = int(best_frames)
         self.smoother = _make_smoother(smoothing, fps)
         self.face_crop = bool(face_crop)
+        self.paste_back = bool(paste_back)
+        self.source_box = source_box
+        self.paster = None                       # PasteBack, set by set_source when paste_back
         self.cuda_graphs = (self.device.type == "cuda") if cuda_graphs is None else bool(cuda_graphs)
         if self.cuda_graphs and self.device.type != "cuda":
             raise ValueError("Animator: cuda_graphs=True needs a CUDA device")
@@ -339,17 +350,22 @@ class Animator:
 
         self.size = self._choose_size(source)
         what = "source" if not isinstance(source, (str, os.PathLike)) else f"source {os.fspath(source)}"
-        if isinstance(source, Tensor) and source.is_floating_point() and not self.face_crop \
+        windowed = self.face_crop or self.paste_back or self.source_box is not None
+        self.paster = None
+        if isinstance(source, Tensor) and source.is_floating_point() and not windowed \
                 and tuple(source.shape[-3:]) == (3, self.size, self.size) and source.dim() in (3, 4) \
                 and (source.dim() == 3 or source.shape[0] == 1):
             image = self._check_float_frame(source.reshape(1, 3, self.size, self.size), what)
             image = image.to(self.device, self.kp_dtype)
         else:
             array = read_image(source, what=what)
-            if self.face_crop:
-                from ..media.face import crop_window
+            if windowed:
+                window = self._source_window(array, what)
+                if self.paste_back:
+                    from ..media.paste_back import PasteBack
 
-                array = crop_window(array, what=what).apply(array, size=self.size)
+                    self.paster = PasteBack(array, window)
+                array = window.apply(array, size=self.size)
             else:
                 array = resize_square(np.ascontiguousarray(center_square(array)), self.size)
             image = torch.from_numpy(np.ascontiguousarray(array)).to(self.device).permute(2, 0, 1)[None]
@@ -363,6 +379,22 @@ class Animator:
             self._graph_analyze.clear()
             self._graph_generate.clear()
         self.reset()
+
+    def _source_window(self, array: np.ndarray, what: str):
+        """The CropWindow of the (H, W, 3) source: ``source_box``, else the face window (``face_crop``), else
+        the centre square."""
+        from ..media.face import CropWindow, crop_window
+
+        h, w = array.shape[:2]
+        if self.source_box is not None:
+            from ..media.paste_back import window_from_xywh
+
+            return window_from_xywh(self.source_box, (w, h), what="Animator: source_box")
+        if self.face_crop:
+            return crop_window(array, what=what)
+        side = min(h, w)
+        y0, x0 = (h - side) // 2, (w - side) // 2
+        return CropWindow(x0, y0, x0 + side, y0 + side, (w, h))
 
     def _prepare(self, image: Tensor):
         from ..models.dagan import PreparedSource
@@ -634,7 +666,13 @@ class Animator:
             outputs = self._outputs(pred, [it[3] for it in items])
         for j, (item, out) in enumerate(zip(items, outputs)):
             self.last_keypoints = {"driving": item[0], "norm": item[1]}
-            if isinstance(out, Tensor):
+            if self.paster is not None:
+                if isinstance(out, Tensor):
+                    from ..media.video import to_uint8
+
+                    out = to_uint8(out)
+                out = self.paster(out)             # (H, W, 3) uint8, the full-resolution source
+            elif isinstance(out, Tensor):
                 out = out.clone()                  # a normal tensor, not an inference-mode one
             yield out
 
@@ -643,11 +681,12 @@ class Animator:
         """Lazily animate ``frames``: an iterable of frames (numpy (H,W,3) uint8 RGB, gray (H,W), RGBA,
         or tensors (3,H,W)/(1,3,H,W) float in [0,1]/uint8), a ``VideoReader``, a video path, or a 4-D
         stack. Yields one output per input, in order: numpy in -> (S,S,3) uint8 RGB numpy; tensor in ->
-        float32 (3,S,S) tensor in [0,1] on ``device``. Frames of another size are centre-cropped and
-        resized to S (``face_crop``: cut from a window fixed at the first frame). Nothing is read ahead
-        (with ``reference=k``, the outputs of frames 0..k wait for frame k). Raises ``ValueError`` for an
-        unusable frame (naming its index), and at the end when the iterable gave no frame.
-        Continuing a stream after another one keeps the reference and smoothing state; call
+        float32 (3,S,S) tensor in [0,1] on ``device``; with ``paste_back`` every output is the (H,W,3)
+        uint8 RGB numpy full-resolution source with the animated window blended in. Frames of another
+        size are centre-cropped and resized to S (``face_crop``: cut from a window fixed at the first
+        frame). Nothing is read ahead (with ``reference=k``, the outputs of frames 0..k wait for frame k).
+        Raises ``ValueError`` for an unusable frame (naming its index), and at the end when the iterable
+        gave no frame. Continuing a stream after another one keeps the reference and smoothing state; call
         :meth:`reset` for a new video."""
         return self._run(frames, 1)
 
