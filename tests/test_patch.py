@@ -345,3 +345,57 @@ def test_distributed_data_parallel_two_cpu_ranks(tmp_path):
         _assert_grads_close(dict(enumerate(res[True])), dict(enumerate(res[False])))
     for a, b in zip(ranks[0][True], ranks[1][True]):  # gradients were all-reduced across the ranks
         assert torch.equal(a, b)
+
+
+def test_subclass_with_an_extra_argument_falls_back_when_it_is_used():
+    """A user subclass calling super().forward: recognised through the base forward; a call that passes the
+    non-official argument runs the original forward (recorded); one that does not runs the fused ops."""
+
+    class DebugDenseMotion(od.DenseMotionNetwork):
+        def forward(self, source_image, kp_driving, kp_source, debug=False):
+            out = super().forward(source_image, kp_driving, kp_source)
+            if debug:
+                out["mask"] = out["mask"] + 0
+            return out
+
+    torch.manual_seed(4)
+    ref = DebugDenseMotion(num_kp=15, num_channels=3, estimate_occlusion_map=True, **of.DENSE_MOTION_SMALL).eval()
+    net = copy.deepcopy(ref)
+    report = patch(net)
+    assert [e.kind for e in report.patched] == ["DenseMotionNetwork"], str(report)
+    args = (of.images(1, 5), of.keypoints(1, 15, 6), of.keypoints(1, 15, 7))
+    with torch.no_grad():
+        fused, expected = net(*args), ref(*args)
+        assert not report.fallbacks()
+        _assert_dicts_close(fused, expected, tol=1e-5)
+        with pytest.warns(RuntimeWarning, match="debug"):
+            debug = net(*args, debug=True)
+    assert torch.equal(debug["deformation"], expected["deformation"])
+    assert report.fallbacks() == {"<root>": {"called with the non-official argument 'debug'": 1}}
+
+
+def test_subclass_forward_reaching_a_patched_base_through_super():
+    """A patched subclass whose own forward calls super().forward, while other instances of the base class are
+    patched too: the fallback runs the subclass's original forward and, inside it, the base's original."""
+
+    class Scaled(od.DenseMotionNetwork):
+        def forward(self, source_image, kp_driving, kp_source, scale=1.0):
+            out = super().forward(source_image, kp_driving, kp_source)
+            out["deformation"] = out["deformation"] * scale
+            return out
+
+    torch.manual_seed(5)
+    base = od.DenseMotionNetwork(num_kp=15, num_channels=3, estimate_occlusion_map=True, **of.DENSE_MOTION_SMALL)
+    sub = Scaled(num_kp=15, num_channels=3, estimate_occlusion_map=True, **of.DENSE_MOTION_SMALL).eval()
+    sub.load_state_dict(base.state_dict())
+    ref = copy.deepcopy(sub)
+    patch(base.eval())
+    report = patch(sub)
+    args = (of.images(1, 5), of.keypoints(1, 15, 6), of.keypoints(1, 15, 7))
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        out, expected = sub(*args, scale=0.5), ref(*args, scale=0.5)
+    for key in expected:
+        assert torch.equal(out[key], expected[key]), key
+    assert report.fallbacks()
+    unpatch(base), unpatch(sub)

@@ -170,8 +170,8 @@ def patch(module: nn.Module, *, ops: Iterable[str] = OPS, backend: Optional[str]
         st = _forwards.PatchState(rec.kind, path, _forwards.FORWARDS[rec.kind], rec.keys, rec.extra_params,
                                   backend, bool(keep_attention_map))
         entry.fallbacks = st.fallbacks  # live view
+        st.owner = _dispatch.install(m)
         m.__dict__[_dispatch.STATE_ATTR] = st
-        _dispatch.install(m)
         report.patched.append(entry)
     _attention_notes(report)
     if not report.patched and not already:

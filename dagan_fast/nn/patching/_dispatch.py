@@ -43,21 +43,24 @@ def _owner(cls: type) -> type:
     return cls
 
 
-def install(module) -> None:
-    """Makes ``type(module).forward`` dispatch on the instance state (idempotent), and counts ``module``."""
+def install(module) -> type:
+    """Makes ``type(module).forward`` dispatch on the instance state (idempotent), counts ``module``, and
+    returns the class whose dispatcher serves it (the state's ``owner``: a dispatcher of another class, reached
+    through ``super().forward``, runs the original, so a subclass's own forward keeps its meaning)."""
     with _lock:
         cls = type(module)
         fn = getattr(cls, "forward")
         if getattr(fn, "_dagan_fast_original", None) is not None:
-            _PATCHED[_owner(cls)].instances.add(module)
-            return
+            owner = _owner(cls)
+            _PATCHED[owner].instances.add(module)
+            return owner
         original = fn
         own = cls.__dict__.get("forward", _MISSING)
 
         @functools.wraps(original)
         def forward(self, *args, **kwargs):
             state = self.__dict__.get(STATE_ATTR)
-            if state is None:
+            if state is None or state.owner is not cls:
                 return original(self, *args, **kwargs)
             return state.call(self, original, args, kwargs)
 
@@ -66,6 +69,7 @@ def install(module) -> None:
         record = _ClassPatch(cls, own, original)
         record.instances.add(module)
         _PATCHED[cls] = record
+        return cls
 
 
 def release(module) -> None:

@@ -49,6 +49,7 @@ class PatchState:
         self.extra_params = dict(extra_params)
         self.backend, self.keep_attention_map = backend, keep_attention_map
         self.fallbacks: Counter = Counter()
+        self.owner: Optional[type] = None  # the class whose forward dispatcher serves this instance
         self._lock = threading.Lock()
         self._signature = None
 
@@ -79,6 +80,7 @@ class PatchState:
             bound = self._signature.bind(module, *args, **kwargs)
         except TypeError:
             return original(module, *args, **kwargs)  # the original raises its own error
+        bound.apply_defaults()
         arguments = bound.arguments
         for name, default in self.extra_params.items():
             if name in arguments and arguments[name] is not default and not _same_default(arguments[name], default):
@@ -128,6 +130,7 @@ def _tensor_reason(name: str, t, ndim: int, ref: Optional[Tensor] = None) -> Opt
     return None
 
 
+@torch.no_grad()
 def _finite_flags(tensors) -> Tensor:
     """One boolean tensor: every element of every tensor finite (a sum per tensor, exact check on overflow)."""
     sums = torch.stack([t.sum(dtype=torch.float64 if t.dtype == torch.float64 else torch.float32).double()
@@ -135,6 +138,7 @@ def _finite_flags(tensors) -> Tensor:
     return torch.isfinite(sums).all()
 
 
+@torch.no_grad()
 def _all_finite(tensors) -> bool:
     tensors = [t for t in tensors if t is not None and t.numel()]
     if not tensors or not _checks_possible(tensors[0]):
@@ -153,6 +157,7 @@ def _keypoints(kp_source, kp_driving):
     return kp_source["value"], None, kp_driving["value"], None
 
 
+@torch.no_grad()
 def _motion_reason(module, source: Tensor, kp_source, kp_driving) -> Optional[str]:
     reason = _tensor_reason("source_image", source, 4)
     if reason:

@@ -126,13 +126,27 @@ def _function_ast(fn: Callable) -> Optional[ast.AST]:
         return None
 
 
-def _called_self_methods(tree: ast.AST) -> Set[str]:
-    names = set()
+def _called_self_methods(tree: ast.AST) -> Tuple[Set[str], Set[str]]:
+    """(names called as ``self.name(...)``, names called as ``super().name(...)``)."""
+    names, supers = set(), set()
     for node in ast.walk(tree):
-        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and \
-                isinstance(node.func.value, ast.Name) and node.func.value.id == "self":
+        if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)):
+            continue
+        value = node.func.value
+        if isinstance(value, ast.Name) and value.id == "self":
             names.add(node.func.attr)
-    return names
+        elif isinstance(value, ast.Call) and isinstance(value.func, ast.Name) and value.func.id == "super":
+            supers.add(node.func.attr)
+    return names, supers
+
+
+def _super_function(cls: type, name: str) -> Optional[Callable]:
+    for klass in cls.__mro__[1:]:
+        if name in klass.__dict__:
+            attr = klass.__dict__[name]
+            attr = getattr(attr, "_dagan_fast_original", attr)
+            return attr.__func__ if isinstance(attr, (staticmethod, classmethod)) else attr
+    return None
 
 
 def _method_trees(cls: type, fn: Callable, depth: int = 3) -> Optional[List[Tuple[str, ast.AST]]]:
@@ -145,11 +159,14 @@ def _method_trees(cls: type, fn: Callable, depth: int = 3) -> Optional[List[Tupl
     for _ in range(depth):
         nxt = []
         for t in frontier:
-            for name in _called_self_methods(t) - seen:
+            names, supers = _called_self_methods(t)
+            targets = [(n, inspect.getattr_static(cls, n, None)) for n in names - seen]
+            targets += [(f"super().{n}", _super_function(cls, n)) for n in supers if f"super().{n}" not in seen]
+            for name, attr in targets:
                 seen.add(name)
-                attr = inspect.getattr_static(cls, name, None)
                 if isinstance(attr, (staticmethod, classmethod)):
                     attr = attr.__func__
+                attr = getattr(attr, "_dagan_fast_original", attr)
                 if inspect.isfunction(attr):
                     sub = _function_ast(attr)
                     if sub is not None:
