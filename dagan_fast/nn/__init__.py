@@ -1,8 +1,9 @@
 """dagan_fast.nn: drop-in modules built on ``dagan_fast.ops`` (the fastest backend runs them)."""
 from .attention import CrossModalAttention
+from .patching import PatchReport, patch, unpatch
 from .warp import FusedWarp
 
-__all__ = ["CrossModalAttention", "DenseMotionNetwork", "FusedWarp"]
+__all__ = ["CrossModalAttention", "DenseMotionNetwork", "FusedWarp", "PatchReport", "patch", "unpatch"]
 
 
 def __getattr__(name):

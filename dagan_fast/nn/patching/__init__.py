@@ -1,0 +1,211 @@
+"""``patch(model)``: run the DaGAN / FOMM models people already have through dagan_fast's fused ops,
+without changing their classes' code, weights or calling code.
+
+    import dagan_fast
+    report = dagan_fast.nn.patch(generator)     # or the full model, DataParallel / DDP wrappers included
+    print(report)
+    ...                                         # train / animate exactly as before
+    dagan_fast.nn.unpatch(generator)            # the original forwards again
+
+Recognised by structure (official-interfaces.md: attributes, methods, forward signatures, output keys):
+DenseMotionNetwork (DaGAN's and FOMM's; ``ops=("motion",)``), FOMM's OcclusionAwareGenerator and DaGAN's
+DepthAwareGenerator / SPADEDepthAwareGenerator (the feature warp x occlusion and the deformed image;
+``"warp"``), DaGAN's DepthAwareAttention (flash attention, no (B,N,N) map; ``"attention"``). Weights,
+buffers, ``state_dict()`` keys, parameters (an optimizer built before keeps working), train()/eval() and
+autograd are untouched; outputs equal the original forwards' within float32 rounding, forward and backward.
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from typing import Dict, Iterable, List, Optional, Tuple
+
+import torch.nn as nn
+
+from ... import ops
+from . import _dispatch, _forwards
+from . import _recognise as R
+
+__all__ = ["PatchEntry", "PatchReport", "patch", "unpatch"]
+
+OPS = ("warp", "attention", "motion")
+_OP_NAMES = {"motion": "sparse_motion_inputs + dense_motion", "warp": "warp_occlusion",
+             "attention": "cross_modal_attention"}
+
+
+@dataclass
+class PatchEntry:
+    """One recognised module: ``path`` in the tree ("" for the root), ``kind`` (the official class it was
+    recognised as), ``class_name`` (its actual class), ``ops`` (the fused ops its forward now runs),
+    ``reason`` (why it was left alone; None when patched), ``notes``, and ``fallbacks``: a live count of
+    the call-time reasons for which the patched forward ran the original computation instead."""
+
+    path: str
+    kind: str
+    class_name: str
+    ops: str = ""
+    reason: Optional[str] = None
+    notes: List[str] = field(default_factory=list)
+    fallbacks: Dict[str, int] = field(default_factory=dict)
+
+    @property
+    def patched(self) -> bool:
+        return self.reason is None
+
+
+@dataclass
+class PatchReport:
+    """What ``patch`` did: ``patched`` and ``left_alone`` entries (``PatchEntry``). Truthy when anything
+    was patched; ``str(report)`` is a readable table; ``report.fallbacks()`` the call-time fallbacks so far."""
+
+    patched: List[PatchEntry] = field(default_factory=list)
+    left_alone: List[PatchEntry] = field(default_factory=list)
+    ops: Tuple[str, ...] = OPS
+    backend: Optional[str] = None
+    keep_attention_map: bool = False
+
+    def __bool__(self) -> bool:
+        return bool(self.patched)
+
+    def __len__(self) -> int:
+        return len(self.patched)
+
+    def fallbacks(self) -> Dict[str, Dict[str, int]]:
+        """{path: {reason: count}} for patched modules whose forward fell back at call time."""
+        return {e.path or "<root>": dict(e.fallbacks) for e in self.patched if e.fallbacks}
+
+    def __str__(self) -> str:
+        opts = f"ops={self.ops}" + (f", backend={self.backend!r}" if self.backend else "") + \
+               (", keep_attention_map=True" if self.keep_attention_map else "")
+        lines = [f"dagan_fast.patch ({opts}): {len(self.patched)} patched, {len(self.left_alone)} left alone"]
+        if not self.patched and not self.left_alone:
+            lines.append("  no DaGAN / FOMM module recognised (see official-interfaces.md for what is)")
+        width = max([len(e.path or "<root>") for e in self.patched + self.left_alone] + [4])
+        if self.patched:
+            lines.append("  patched:")
+            for e in self.patched:
+                cls = e.class_name if e.class_name == e.kind else f"{e.class_name} (as {e.kind})"
+                lines.append(f"    {e.path or '<root>':<{width}}  {cls}: {e.ops}")
+                lines.extend(f"    {'':<{width}}    note: {n}" for n in e.notes)
+                lines.extend(f"    {'':<{width}}    fell back {c}x: {r}" for r, c in e.fallbacks.items())
+        if self.left_alone:
+            lines.append("  left alone:")
+            for e in self.left_alone:
+                cls = e.class_name if e.class_name == e.kind else f"{e.class_name} (as {e.kind})"
+                lines.append(f"    {e.path or '<root>':<{width}}  {cls}: {e.reason}")
+        return "\n".join(lines)
+
+
+def _is_dagan_fast_module(module: nn.Module) -> bool:
+    return type(module).__module__.split(".")[0] == "dagan_fast"
+
+
+def _check_options(ops_: Iterable[str], backend: Optional[str]) -> Tuple[str, ...]:
+    if isinstance(ops_, str):
+        ops_ = (ops_,)
+    chosen = tuple(ops_)
+    unknown = [o for o in chosen if o not in OPS]
+    if unknown:
+        raise ValueError(f"patch: unknown op(s) {unknown}; choose from {OPS}")
+    if backend is not None:
+        names = tuple(ops.available_backends())
+        if backend not in names:
+            raise ValueError(f"patch: unknown backend {backend!r}; choose one of {names} or None (fastest)")
+    return chosen
+
+
+def patch(module: nn.Module, *, ops: Iterable[str] = OPS, backend: Optional[str] = None,
+          keep_attention_map: bool = False) -> PatchReport:
+    """Rebinds, on every module of ``module``'s tree recognised as an official DaGAN / FOMM module, the
+    forward to one running dagan_fast's fused ops. Returns a ``PatchReport`` (what was patched, and what
+    was recognised but left alone, with the reason).
+
+    module: any nn.Module (a generator, a full training model, DataParallel / DistributedDataParallel).
+    ops: which fused families to use: "motion" (DenseMotionNetwork), "warp" (the generators' warp x
+    occlusion), "attention" (DepthAwareAttention). backend: force a dagan_fast.ops backend ("cpu",
+    "cuda", "triton", "reference"; None: the fastest per call). keep_attention_map: DaGAN's attention
+    also returns its (B,N,N) map; since that map is then built anyway, attention modules keep their
+    original forward (with the default False the flash op runs and the map returned is None).
+
+    Patching a patched module again is a no-op (its entries say so). A tree with nothing recognisable gives
+    an empty report and a warning. ``unpatch(module)`` restores the original forwards.
+    """
+    chosen = _check_options(ops, backend)
+    report = PatchReport(ops=chosen, backend=backend, keep_attention_map=bool(keep_attention_map))
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"patch: expected a torch.nn.Module, got {type(module).__name__}")
+    already = 0
+    for path, m in module.named_modules():
+        rec = None
+        for recognise in R.RECOGNISERS:
+            rec = recognise(m)
+            if rec is not None:
+                break
+        if rec is None:
+            continue
+        entry = PatchEntry(path, rec.kind, type(m).__name__, _OP_NAMES[R.OP_FAMILY[rec.kind]], notes=list(rec.notes))
+        state = m.__dict__.get(_dispatch.STATE_ATTR)
+        if state is not None:
+            entry.reason = "already patched (unpatch first to change options)"
+            already += 1
+        elif _is_dagan_fast_module(m):
+            entry.reason = "a dagan_fast module: runs the fused ops already"
+        elif isinstance(m, _script_types()):
+            entry.reason = "a TorchScript module: its forward cannot be rebound"
+        elif "forward" in m.__dict__:
+            entry.reason = "its forward is overridden on the instance (another patch?)"
+        elif rec.reason is not None:
+            entry.reason = rec.reason
+        elif R.OP_FAMILY[rec.kind] not in chosen:
+            entry.reason = f"{R.OP_FAMILY[rec.kind]!r} not in ops={chosen}"
+        elif rec.kind == R.ATTENTION and keep_attention_map:
+            entry.reason = ("keep_attention_map=True: the (B,N,N) map is built anyway, so the original "
+                            "forward runs (exact)")
+        if entry.reason is not None:
+            report.left_alone.append(entry)
+            continue
+        if rec.kind in (R.DAGAN_GENERATOR, R.SPADE_GENERATOR) and "attention" in chosen and not keep_attention_map:
+            entry.notes.append("out['attention'] is None: the (B,N,N) map is not built "
+                               "(patch(..., keep_attention_map=True) keeps it)")
+        st = _forwards.PatchState(rec.kind, path, _forwards.FORWARDS[rec.kind], rec.keys, rec.extra_params,
+                                  backend, bool(keep_attention_map))
+        entry.fallbacks = st.fallbacks  # live view
+        st.owner = _dispatch.install(m)
+        m.__dict__[_dispatch.STATE_ATTR] = st
+        report.patched.append(entry)
+    _attention_notes(report)
+    if not report.patched and not already:
+        why = "; ".join(f"{e.path or '<root>'}: {e.reason}" for e in report.left_alone)
+        warnings.warn(f"dagan_fast.patch: nothing patched in {type(module).__name__}"
+                      + (f" (recognised but left alone: {why})" if why else
+                         ": no DaGAN / FOMM DenseMotionNetwork, generator or DepthAwareAttention recognised"),
+                      UserWarning, stacklevel=2)
+    return report
+
+
+def _attention_notes(report: PatchReport) -> None:
+    """Keep the generator note about out['attention'] only where its AttnModule was patched."""
+    patched_attention = {e.path for e in report.patched if e.kind == R.ATTENTION}
+    for e in report.patched:
+        if e.kind in (R.DAGAN_GENERATOR, R.SPADE_GENERATOR):
+            attn = f"{e.path}.AttnModule" if e.path else "AttnModule"
+            if attn not in patched_attention:
+                e.notes = [n for n in e.notes if not n.startswith("out['attention']")]
+
+
+def _script_types():
+    import torch.jit
+    return (torch.jit.ScriptModule,)
+
+
+def unpatch(module: nn.Module) -> List[str]:
+    """Restores the original forward of every patched module in ``module``'s tree; returns their paths.
+    Unpatched trees are fine (returns [])."""
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"unpatch: expected a torch.nn.Module, got {type(module).__name__}")
+    restored = []
+    for path, m in module.named_modules():
+        if m.__dict__.pop(_dispatch.STATE_ATTR, None) is not None:
+            _dispatch.release(m)
+            restored.append(path)
+    return restored

@@ -1,0 +1,401 @@
+"""``dagan_fast.nn.patch`` on stand-ins of the official DaGAN / FOMM modules (tests/official_fomm.py, from
+official-interfaces.md): outputs and gradients equal the unpatched modules', weights / state_dict / optimizer
+untouched, unpatch bit-exact, twice a no-op, wrappers (DataParallel, DDP on 2 gloo ranks), call-time
+fallbacks, what is left alone and why."""
+from __future__ import annotations
+
+import copy
+import os
+import sys
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import official_dagan as od  # noqa: E402
+import official_fomm as of  # noqa: E402
+from conftest import rel_err  # noqa: E402
+
+from dagan_fast.nn import PatchReport, patch, unpatch  # noqa: E402
+
+pytestmark = [pytest.mark.usefixtures("one_thread"),
+              pytest.mark.filterwarnings("ignore:Default grid_sample"),
+              pytest.mark.filterwarnings("ignore:Default upsampling")]
+
+ORIGINAL_FORWARDS = {cls: cls.forward for cls in (of.DepthAwareGenerator, od.DenseMotionNetwork,
+                                                  od.DepthAwareAttention)}
+TOL = 1e-4  # float32, relative to the largest magnitude; the motion field's ulps amplified by warping
+
+
+@pytest.fixture(scope="module")
+def models():
+    return {"fomm": of.fomm_generator(0), "plain": of.dagan_generator("plain", 0),
+            "spade": of.dagan_generator("spade", 0)}
+
+
+def _inputs(kind, batch=2, seed=20):
+    K = of.FOMM_KP if kind == "fomm" else of.DAGAN_KP
+    args = [of.images(batch, seed), of.keypoints(batch, K, seed + 1), of.keypoints(batch, K, seed + 2)]
+    if kind != "fomm":
+        depth = of.images(batch, seed + 3, channels=1)
+        args += [depth, depth]
+    return args
+
+
+def _call(gen, args):
+    """generator(source, kp_driving=..., kp_source=..., [source_depth=..., driving_depth=...]), as the demos."""
+    kw = dict(kp_driving=args[1], kp_source=args[2])
+    if len(args) > 3:
+        kw.update(source_depth=args[3], driving_depth=args[4])
+    return gen(args[0], **kw)
+
+
+def _assert_dicts_close(out, ref, tol=TOL, skip=()):
+    assert set(out) == set(ref), (sorted(out), sorted(ref))
+    for key in ref:
+        if key in skip:
+            continue
+        assert out[key].shape == ref[key].shape, key
+        assert rel_err(out[key], ref[key]) < tol, (key, rel_err(out[key], ref[key]))
+
+
+def _assert_grads_close(grads, ref, tol=2e-3):
+    """Every parameter got a finite nonzero gradient, within ``tol`` of the reference relative to its largest
+    entry; gradients that are rounding noise in both (conv biases ahead of train-mode BatchNorm) are compared
+    against the largest gradient of the model instead."""
+    scale = max(float(g.abs().max()) for g in ref.values())
+    for name, g in grads.items():
+        assert torch.isfinite(g).all() and float(g.abs().max()) > 0, f"{name} got no gradient"
+        err = float((g - ref[name]).abs().max())
+        assert err <= tol * float(ref[name].abs().max()) + 1e-6 * scale, (name, err, float(ref[name].abs().max()))
+
+
+@pytest.mark.parametrize("kind", ["fomm", "plain", "spade"])
+def test_patched_outputs_equal_unpatched(models, kind):
+    ref_gen = models[kind]
+    gen = copy.deepcopy(ref_gen)
+    report = patch(gen)
+    expected = {"fomm": {"OcclusionAwareGenerator", "DenseMotionNetwork"},
+                "plain": {"DepthAwareGenerator", "DenseMotionNetwork", "DepthAwareAttention"},
+                "spade": {"SPADEDepthAwareGenerator", "DenseMotionNetwork", "DepthAwareAttention"}}[kind]
+    assert {e.kind for e in report.patched} == expected and not report.left_alone, str(report)
+    args = _inputs(kind)
+    with torch.no_grad():
+        ref, out = _call(ref_gen, args), _call(gen, args)
+    if kind == "fomm":
+        _assert_dicts_close(out, ref)
+    else:
+        assert ref["attention"].shape == (2, 256, 256) and out["attention"] is None  # the map is not built
+        _assert_dicts_close(out, ref, skip=("attention",))
+    assert not report.fallbacks(), report.fallbacks()
+    text = str(report)
+    assert "patched" in text and "dense_motion_network" in text and "warp_occlusion" in text
+
+
+def test_dense_motion_every_key_and_keypoint_gradients():
+    """DaGAN's DenseMotionNetwork (official_dagan's, which also returns sparse_motion) standalone, forward and
+    backward into the image and the keypoints (the training path of the keypoint detector)."""
+    torch.manual_seed(3)
+    ref = od.DenseMotionNetwork(num_kp=15, num_channels=3, estimate_occlusion_map=True, **of.DENSE_MOTION_SMALL)
+    ref.eval()  # (in train mode the gradients of the conv biases ahead of BatchNorm are rounding noise)
+    net = copy.deepcopy(ref)
+    assert [e.kind for e in patch(net).patched] == ["DenseMotionNetwork"]
+    results = []
+    for m in (ref, net):
+        src = of.images(2, 5).requires_grad_()
+        ks, kd = of.keypoints(2, 15, 6), of.keypoints(2, 15, 7)
+        leaves = [src] + [t.requires_grad_() for d in (ks, kd) for t in d.values()]
+        out = m(src, kd, ks)
+        loss = sum((v * torch.randn(v.shape, generator=torch.Generator().manual_seed(i))).sum()
+                   for i, v in enumerate(out[k] for k in sorted(out)))
+        grads = torch.autograd.grad(loss, leaves + list(m.parameters()))
+        results.append((out, grads))
+    (ref_out, ref_grads), (out, grads) = results
+    assert set(ref_out) == {"sparse_deformed", "sparse_motion", "mask", "deformation", "occlusion_map"}
+    _assert_dicts_close(out, ref_out, tol=1e-5)
+    for i, (g, r) in enumerate(zip(grads, ref_grads)):
+        assert rel_err(g, r) < 1e-4, (i, rel_err(g, r))
+
+
+@pytest.mark.parametrize("kind", ["fomm", "plain"])
+def test_training_step_equal(models, kind):
+    """train() mode through the patched generator (BatchNorm batch statistics, backward through the warp,
+    the motion ops and the attention): loss, every parameter's gradient and the running statistics equal
+    the unpatched step's; every parameter gets a gradient."""
+    results = []
+    for patched in (False, True):
+        gen = copy.deepcopy(models[kind]).train()
+        if patched:
+            assert patch(gen)
+        args = _inputs(kind, seed=40)
+        out = _call(gen, args)
+        target = of.images(2, 50)
+        loss = (out["prediction"] - target).square().mean() + out["deformed"].square().mean() \
+            + out["occlusion_map"].mean() + 0.1 * out["sparse_deformed"].mean() + (out["mask"] ** 2).mean()
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in gen.named_parameters()}
+        stats = {n: b.clone() for n, b in gen.named_buffers() if "running" in n}
+        results.append((float(loss.detach()), grads, stats))
+    (l0, g0, s0), (l1, g1, s1) = results
+    assert abs(l0 - l1) < 1e-5 * abs(l0)
+    _assert_grads_close(g1, g0)
+    for name in s0:
+        assert rel_err(s1[name], s0[name]) < 1e-4, name
+
+
+def test_weights_state_dict_optimizer_and_modes_untouched(models):
+    gen = copy.deepcopy(models["plain"])
+    params = list(gen.parameters())
+    before = {k: (v.data_ptr(), v.clone()) for k, v in gen.state_dict().items()}
+    opt = torch.optim.SGD(gen.parameters(), lr=0.1)
+    gen.train()
+    patch(gen)
+    assert gen.training and all(m.training for m in gen.modules())
+    after = gen.state_dict()
+    assert list(after) == list(before)
+    for k, (ptr, value) in before.items():
+        assert after[k].data_ptr() == ptr and torch.equal(after[k], value), k
+    assert all(a is b for a, b in zip(gen.parameters(), params)) and len(list(gen.parameters())) == len(params)
+    gen.eval()
+    with torch.no_grad():
+        _call(gen, _inputs("plain"))
+    assert not gen.training
+    # the optimizer built before the patch trains the patched module
+    gen.train()
+    out = _call(gen, _inputs("plain", seed=60))
+    out["prediction"].mean().backward()
+    w = gen.final.weight.detach().clone()
+    opt.step()
+    assert not torch.equal(gen.final.weight, w)
+
+
+def test_unpatch_restores_bit_exact_and_twice_is_noop(models):
+    class Fresh(of.DepthAwareGenerator):  # a class no other test patches: its forward attribute is checked too
+        pass
+
+    gen = Fresh(3, of.DAGAN_KP, 16, 64, 2, 2, True, of.DENSE_MOTION_SMALL, True).eval()
+    gen.load_state_dict(models["plain"].state_dict())
+    assert "forward" not in Fresh.__dict__
+    args = _inputs("plain")
+    with torch.no_grad():
+        ref = _call(gen, args)
+        first = patch(gen)
+        second = patch(gen)
+        assert not second.patched and len(second.left_alone) == len(first.patched)
+        assert all("already patched" in e.reason for e in second.left_alone)
+        patched_out = _call(gen, args)
+        assert not first.fallbacks()
+        restored = unpatch(gen)
+        assert sorted(restored) == sorted(e.path for e in first.patched)
+        out = _call(gen, args)
+    assert "forward" not in Fresh.__dict__ and "forward" not in gen.__dict__
+    for m in gen.modules():  # classes other live patched instances share keep the dispatcher, bound to the original
+        forward = type(m).forward
+        assert getattr(forward, "_dagan_fast_original", forward) is ORIGINAL_FORWARDS.get(type(m), forward)
+    assert not any("_dagan_fast_patch" in m.__dict__ for m in gen.modules())
+    for key in ref:
+        assert torch.equal(out[key], ref[key]), key
+    assert rel_err(patched_out["prediction"], ref["prediction"]) < TOL
+    assert unpatch(gen) == []
+
+
+def test_unpatched_instances_of_a_patched_class_run_the_original(models):
+    a, b = copy.deepcopy(models["fomm"]), copy.deepcopy(models["fomm"])
+    args = _inputs("fomm")
+    with torch.no_grad():
+        ref = _call(b, args)
+        patch(a)
+        again = _call(b, args)  # b shares a's class; it is not patched
+    for key in ref:
+        assert torch.equal(again[key], ref[key])
+    unpatch(a)
+
+
+def test_nothing_recognisable_warns_with_empty_report():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 3, 1))
+    with pytest.warns(UserWarning, match="nothing patched"):
+        report = patch(model)
+    assert isinstance(report, PatchReport) and not report and not report.patched and not report.left_alone
+    assert "no DaGAN / FOMM module recognised" in str(report)
+
+
+def test_left_alone_with_reasons(models):
+    """Recognised but left alone: a non-default grid_sample mode, a forward returning keys the fused forward
+    does not compute (official_dagan's transcription with its test extras: its dense motion and attention are
+    still patched), ops not asked for; unknown options are errors."""
+
+    class NearestGenerator(of.OcclusionAwareGenerator):
+        def deform_input(self, inp, deformation):
+            return F.grid_sample(inp, deformation, mode="nearest")
+
+    gen = NearestGenerator(3, 10, 16, 64, 1, 1, True, of.DENSE_MOTION_SMALL, True)
+    report = patch(gen)
+    [entry] = report.left_alone
+    assert entry.kind == "OcclusionAwareGenerator" and "grid_sample mode='nearest'" in entry.reason
+    assert [e.kind for e in report.patched] == ["DenseMotionNetwork"]
+    unpatch(gen)
+
+    transcription = od.DepthAwareGenerator(dense_motion_params=of.DENSE_MOTION_SMALL)
+    report = patch(transcription, ops=("warp", "motion"))
+    left = {e.kind: e.reason for e in report.left_alone}
+    assert "warped_features" in left["DepthAwareGenerator"], str(report)
+    assert "'attention' not in ops" in left["DepthAwareAttention"]
+    assert [e.kind for e in report.patched] == ["DenseMotionNetwork"]
+    assert "DepthAwareGenerator" in str(report) and "left alone" in str(report)
+    unpatch(transcription)
+
+    with pytest.raises(ValueError, match="unknown op"):
+        patch(gen, ops=("warp", "conv"))
+    with pytest.raises(ValueError, match="unknown backend"):
+        patch(gen, backend="tpu")
+
+
+def test_keep_attention_map(models):
+    ref_gen = models["plain"]
+    gen = copy.deepcopy(ref_gen)
+    report = patch(gen, keep_attention_map=True)
+    assert {e.kind for e in report.patched} == {"DepthAwareGenerator", "DenseMotionNetwork"}
+    [attn] = report.left_alone
+    assert attn.kind == "DepthAwareAttention" and "keep_attention_map" in attn.reason
+    args = _inputs("plain")
+    with torch.no_grad():
+        _assert_dicts_close(_call(gen, args), _call(ref_gen, args))  # attention map included
+
+
+def test_call_time_fallbacks_run_the_original(models):
+    """What the fused ops would compute differently is detected per call and the original runs (exactly)."""
+    ref_gen = models["fomm"]
+    gen = copy.deepcopy(ref_gen)
+    report = patch(gen)
+    args = _inputs("fomm")
+    args[1]["jacobian"][0, 3] = 1e-4 * torch.eye(2)  # |det| 1e-8: the ops floor it, the original inverts
+    with torch.no_grad(), pytest.warns(RuntimeWarning, match="det"):
+        out = _call(gen, args)
+        ref = _call(ref_gen, args)
+    for key in ("mask", "sparse_deformed", "occlusion_map"):
+        assert torch.equal(out[key], ref[key]), key
+    fallbacks = report.fallbacks()["dense_motion_network"]
+    assert any("det" in r for r in fallbacks), fallbacks
+    # autocast: the original forwards follow autocast's casting rules
+    args = _inputs("fomm")
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        out, ref = _call(gen, args), _call(ref_gen, args)
+    assert out["prediction"].dtype == ref["prediction"].dtype
+    for key in ref:
+        assert torch.equal(out[key], ref[key]), key
+    assert any("autocast" in r for r in report.fallbacks()["<root>"])
+
+
+def test_dataparallel_and_full_model_wrapper(models):
+    full = of.GeneratorFullModel(copy.deepcopy(models["plain"]), depth=True)
+    dp = nn.DataParallel(full)
+    report = patch(dp)
+    assert {e.path for e in report.patched} == {"module.generator", "module.generator.dense_motion_network",
+                                                "module.generator.AttnModule"}
+    args = _inputs("plain")
+    target = of.images(2, 70)
+    loss, generated = dp(args[0], target, args[2], args[1], args[3])
+    loss.backward()
+    unpatch(dp)
+    ref_full = of.GeneratorFullModel(copy.deepcopy(models["plain"]), depth=True)
+    ref_loss, ref_generated = ref_full(args[0], target, args[2], args[1], args[3])
+    ref_loss.backward()
+    assert abs(float(loss.detach()) - float(ref_loss.detach())) < 1e-5 * abs(float(ref_loss.detach()))
+    assert rel_err(generated["prediction"], ref_generated["prediction"]) < TOL
+    _assert_grads_close({n: p.grad for n, p in full.named_parameters()},
+                        {n: p.grad for n, p in ref_full.named_parameters()})
+
+
+def _ddp_worker(rank, world, port, path):
+    import torch.distributed as dist
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        results = {}
+        for patched in (False, True):
+            torch.manual_seed(0)
+            gen = of.OcclusionAwareGenerator(3, 10, 8, 32, 1, 1, True, of.DENSE_MOTION_SMALL, True)
+            ddp = nn.parallel.DistributedDataParallel(gen)
+            if patched:
+                report = patch(ddp)
+                results["paths"] = sorted(e.path for e in report.patched)
+            args = _inputs("fomm", batch=1, seed=80 + rank)
+            out = ddp(args[0], kp_driving=args[1], kp_source=args[2])
+            out["prediction"].mean().backward()
+            results[patched] = [p.grad.clone() for p in gen.parameters()]
+        torch.save(results, os.path.join(path, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_distributed_data_parallel_two_cpu_ranks(tmp_path):
+    import socket
+    import torch.multiprocessing as mp
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_ddp_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    for res in ranks:
+        assert res["paths"] == ["module", "module.dense_motion_network"]
+        _assert_grads_close(dict(enumerate(res[True])), dict(enumerate(res[False])))
+    for a, b in zip(ranks[0][True], ranks[1][True]):  # gradients were all-reduced across the ranks
+        assert torch.equal(a, b)
+
+
+def test_subclass_with_an_extra_argument_falls_back_when_it_is_used():
+    """A user subclass calling super().forward: recognised through the base forward; a call that passes the
+    non-official argument runs the original forward (recorded); one that does not runs the fused ops."""
+
+    class DebugDenseMotion(od.DenseMotionNetwork):
+        def forward(self, source_image, kp_driving, kp_source, debug=False):
+            out = super().forward(source_image, kp_driving, kp_source)
+            if debug:
+                out["mask"] = out["mask"] + 0
+            return out
+
+    torch.manual_seed(4)
+    ref = DebugDenseMotion(num_kp=15, num_channels=3, estimate_occlusion_map=True, **of.DENSE_MOTION_SMALL).eval()
+    net = copy.deepcopy(ref)
+    report = patch(net)
+    assert [e.kind for e in report.patched] == ["DenseMotionNetwork"], str(report)
+    args = (of.images(1, 5), of.keypoints(1, 15, 6), of.keypoints(1, 15, 7))
+    with torch.no_grad():
+        fused, expected = net(*args), ref(*args)
+        assert not report.fallbacks()
+        _assert_dicts_close(fused, expected, tol=1e-5)
+        with pytest.warns(RuntimeWarning, match="debug"):
+            debug = net(*args, debug=True)
+    assert torch.equal(debug["deformation"], expected["deformation"])
+    assert report.fallbacks() == {"<root>": {"called with the non-official argument 'debug'": 1}}
+
+
+def test_subclass_forward_reaching_a_patched_base_through_super():
+    """A patched subclass whose own forward calls super().forward, while other instances of the base class are
+    patched too: the fallback runs the subclass's original forward and, inside it, the base's original."""
+
+    class Scaled(od.DenseMotionNetwork):
+        def forward(self, source_image, kp_driving, kp_source, scale=1.0):
+            out = super().forward(source_image, kp_driving, kp_source)
+            out["deformation"] = out["deformation"] * scale
+            return out
+
+    torch.manual_seed(5)
+    base = od.DenseMotionNetwork(num_kp=15, num_channels=3, estimate_occlusion_map=True, **of.DENSE_MOTION_SMALL)
+    sub = Scaled(num_kp=15, num_channels=3, estimate_occlusion_map=True, **of.DENSE_MOTION_SMALL).eval()
+    sub.load_state_dict(base.state_dict())
+    ref = copy.deepcopy(sub)
+    patch(base.eval())
+    report = patch(sub)
+    args = (of.images(1, 5), of.keypoints(1, 15, 6), of.keypoints(1, 15, 7))
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        out, expected = sub(*args, scale=0.5), ref(*args, scale=0.5)
+    for key in expected:
+        assert torch.equal(out[key], expected[key]), key
+    assert report.fallbacks()
+    unpatch(base), unpatch(sub)
