@@ -11,9 +11,10 @@ from ._version import __version__  # noqa: E402
 
 from . import checkpoints  # noqa: E402  (safetensors is imported lazily, inside its functions)
 from .models import DaGAN, DaGANpp  # noqa: E402
+from .nn import PatchReport, patch, unpatch  # noqa: E402
 from .streaming import Animator  # noqa: E402  (cv2, face detection and tqdm are imported lazily)
 
-__all__ = ["ops", "checkpoints", "DaGAN", "DaGANpp", "Animator", "__version__"]
+__all__ = ["ops", "checkpoints", "DaGAN", "DaGANpp", "Animator", "patch", "unpatch", "PatchReport", "__version__"]
 
 _compat.install()
 

@@ -8,7 +8,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dagan_fast import _backends, ops
+from dagan_fast import ops
+from dagan_fast.ops import _backends
 from dagan_fast.ops._extension import extension, has_kernel
 
 import _cpu_kernel_checks as C
