@@ -1,0 +1,171 @@
+"""How the suite decides that a kernel's result is accurate enough (shared by every kernel test).
+
+The rule, the one FlashAttention's tests use: compute a float64 ground truth from the *same* (already rounded)
+inputs, run a PyTorch reference in the kernel's own precision, and require
+
+    max|kernel - truth|  <=  factor * max|same_precision_reference - truth|  +  ulps * eps(dtype) * magnitude
+
+``factor`` (2 by default) lets the kernel round in a different order than PyTorch, but not be less accurate
+than PyTorch is on this CPU (ATen's vector path, AVX-512, AVX2 or scalar, changes the reference's error, and
+the kernel's, together: the bound needs no per-CPU constant). The absolute floor covers results whose
+reference error happens to be zero (an exactly-zero gradient, a single key, a pixel that reads one input value);
+it is a few units of rounding of ``magnitude``, the size of the terms that enter the result (for a dot product
+sum_i a_i b_i: sum_i |a_i| |b_i|, the quantity the standard bound |fl(s) - s| <= gamma_n sum |terms| is
+written in). It is never the magnitude of the expected value, which may be exactly zero while the terms that
+cancel to produce it are not.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence, Union
+
+import torch
+
+Number = Union[float, torch.Tensor]
+
+#: units of rounding of the term magnitude in the absolute floor. The floor only decides where the reference
+#: happens to be exact; measured on the attention kernels (float32, AVX-512 and AVX2) the kernel's excess
+#: over twice the reference error never passed 1.01 units of the term magnitude, the zero gradients of a
+#: single key 0.4 units: 4 leaves a factor 4.
+DEFAULT_ULPS = 4.0
+
+
+def eps(dtype: torch.dtype) -> float:
+    """Unit roundoff scale of ``dtype`` (torch.finfo(dtype).eps: 2**-23 for float32)."""
+    return float(torch.finfo(dtype).eps)
+
+
+def max_abs_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """max |actual - expected| in float64 (0 for empty tensors); shapes must agree."""
+    a, e = actual.detach().double(), expected.detach().double()
+    assert a.shape == e.shape, (a.shape, e.shape)
+    if e.numel() == 0:
+        return 0.0
+    return float((a - e).abs().max())
+
+
+def _size(magnitude: Number) -> float:
+    if torch.is_tensor(magnitude):
+        return float(magnitude.detach().double().abs().max()) if magnitude.numel() else 0.0
+    return abs(float(magnitude))
+
+
+def accuracy_bound(truth: torch.Tensor, same_precision: Optional[torch.Tensor], *, magnitude: Number,
+                   dtype: torch.dtype, factor: float = 2.0, ulps: float = DEFAULT_ULPS) -> float:
+    """``factor * max|same_precision - truth| + ulps * eps(dtype) * max(magnitude)``: the largest error the
+    rule above accepts (no reference term when ``same_precision`` is None)."""
+    ref = 0.0 if same_precision is None else max_abs_err(same_precision, truth)
+    return factor * ref + ulps * eps(dtype) * _size(magnitude)
+
+
+def assert_as_accurate(actual: torch.Tensor, truth: torch.Tensor, same_precision: Optional[torch.Tensor], *,
+                       magnitude: Number, dtype: Optional[torch.dtype] = None, factor: float = 2.0,
+                       ulps: float = DEFAULT_ULPS, name: str = "") -> None:
+    """Asserts the rule of this module: ``actual`` (the kernel) is within ``factor`` times the error of
+    ``same_precision`` (PyTorch in the kernel's precision), both against the float64 ``truth``, plus an absolute
+    floor of ``ulps`` roundings of ``magnitude`` in ``dtype`` (default: actual's dtype)."""
+    dtype = actual.dtype if dtype is None else dtype
+    assert torch.isfinite(actual).all(), f"{name}: non-finite values"
+    err = max_abs_err(actual, truth)
+    bound = accuracy_bound(truth, same_precision, magnitude=magnitude, dtype=dtype, factor=factor, ulps=ulps)
+    ref = None if same_precision is None else max_abs_err(same_precision, truth)
+    assert err <= bound, (f"{name}: error {err:.3g} above {bound:.3g} (same-precision reference error "
+                          f"{ref if ref is None else format(ref, '.3g')}, term magnitude {_size(magnitude):.3g}, "
+                          f"{dtype})")
+
+
+def assert_rounding_close(actual: torch.Tensor, expected: torch.Tensor, *, magnitude: Number,
+                          dtype: Optional[torch.dtype] = None, ulps: float = DEFAULT_ULPS, name: str = "") -> None:
+    """Two computations in ``dtype`` of the same value that may only round differently (thread counts,
+    block orders, an out-of-place layout): max|actual - expected| <= ulps * eps(dtype) * max(magnitude)."""
+    assert_as_accurate(actual, expected, None, magnitude=magnitude, dtype=dtype, ulps=ulps, name=name)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Term magnitudes of the ops (all computed in float64 from absolute values)
+# --------------------------------------------------------------------------------------------------------------
+def attention_magnitudes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grad_out: Optional[torch.Tensor],
+                         scale: Optional[float]) -> dict:
+    """Sizes of the terms that enter softmax(q k^T scale) v and its gradients, elementwise, in float64:
+
+    out = P v: P|v|; lse = max + log sum exp: scale |q||k|^T (the score terms) + log(Nk);
+    dv = P^T dO: P^T |dO|; dP = dO v^T and D = rowsum(dO * O): T = |dO||v|^T + rowsum(|dO||O|);
+    dS = P * (dP - D): P T; dq = scale dS k: scale (P T)|k|; dk = scale dS^T q: scale (P T)^T |q|.
+    The rounding of the scores, carried through exp into P, is left out: the same-precision reference
+    suffers it equally (it is the conditioning of softmax), and where it cancels exactly (a single key:
+    P = 1 whatever the score) the kernel's result cancels too.
+    Returns a dict with keys out, lse and, with ``grad_out``, dq, dk, dv.
+    """
+    q, k, v = (t.detach().double() for t in (q, k, v))
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    s = torch.matmul(q, k.transpose(-1, -2)) * scale
+    p = torch.softmax(s, -1)
+    S = torch.matmul(q.abs(), k.abs().transpose(-1, -2)) * abs(scale)
+    out = torch.matmul(p, v)
+    mags = {"out": torch.matmul(p, v.abs()), "lse": S.amax(-1) + math.log(max(k.shape[-2], 1))}
+    if grad_out is not None:
+        go = grad_out.detach().double()
+        T = torch.matmul(go.abs(), v.abs().transpose(-1, -2)) + (go.abs() * out.abs()).sum(-1, keepdim=True)
+        dS = p * T
+        mags["dq"] = torch.matmul(dS, k.abs()) * abs(scale)
+        mags["dk"] = torch.matmul(dS.transpose(-1, -2), q.abs()) * abs(scale)
+        mags["dv"] = torch.matmul(p.transpose(-1, -2), go.abs())
+    return mags
+
+
+def warp_magnitudes(x: torch.Tensor, grid: torch.Tensor, occlusion: Optional[torch.Tensor],
+                    grad_out: Optional[torch.Tensor] = None) -> dict:
+    """Sizes of the terms of grid_sample(x, grid, bilinear, zeros, align_corners=False) * occlusion.
+
+    A pixel is sum over 4 taps w_t x_t with w from the pixel coordinate c = ((g + 1) size - 1) / 2, whose
+    rounding is eps * size / 2 * (1 + |g|): out ~ |occ| max|x| (1 + size (1 + |g|)); d input ~ |go| |occ| per tap
+    summed over the output pixels reading it (bounded by max|go||occ| * pixels per input pixel);
+    d grid ~ size / 2 * |go| |occ| sum_C |x| * (1 + size (1 + |g|)); d occ ~ sum_C |go| max|x|.
+    Scalars (float), keys out, input, grid, occlusion (the last three with ``grad_out``).
+    """
+    x = x.detach().double()
+    grid = grid.detach().double().clamp(-3, 3)
+    B, C, Hi, Wi = x.shape
+    Ho, Wo = grid.shape[1:3]
+    size = max(Hi, Wi)
+    occ = 1.0 if occlusion is None else float(occlusion.detach().double().abs().max()) if occlusion.numel() else 0.0
+    xmax = float(x.abs().max()) if x.numel() else 0.0
+    coord = 1.0 + size * (1.0 + float(grid.abs().max()) if grid.numel() else 1.0)
+    mags = {"out": occ * xmax * coord}
+    if grad_out is not None:
+        go = float(grad_out.detach().double().abs().max()) if grad_out.numel() else 0.0
+        fan_in = max(1.0, (Ho * Wo) / max(Hi * Wi, 1)) * 4  # output pixels that read one input pixel, roughly
+        mags["input"] = go * occ * fan_in * 4 * coord
+        mags["grid"] = size / 2 * go * occ * C * xmax * coord
+        mags["occlusion"] = C * go * xmax * coord
+    return mags
+
+
+def same_precision_grads(fn, inputs: Sequence[Optional[torch.Tensor]], grad_outputs, dtype: torch.dtype):
+    """(outputs, gradients) of ``fn`` with every tensor input cast to ``dtype`` (None stays None); gradients
+    of the inputs that were tensors, with respect to sum(out * grad_output)."""
+    leaves = [None if t is None else t.detach().to(dtype).requires_grad_(t.is_floating_point()) for t in inputs]
+    outs = fn(*leaves)
+    outs_list = list(outs) if isinstance(outs, (tuple, list)) else [outs]
+    gos = list(grad_outputs) if isinstance(grad_outputs, (tuple, list)) else [grad_outputs]
+    sum((o * g.to(o.dtype)).sum() for o, g in zip(outs_list, gos)).backward()
+    return outs, [None if t is None else t.grad for t in leaves]
+
+
+def attention_references(q, k, v, grad_out, scale: float, dtype: torch.dtype = torch.float32):
+    """Oracles for one attention call: (truth, same_precision, magnitudes), truth and same_precision dicts with
+    keys out, lse and (with ``grad_out``) dq, dk, dv: the naive materialised formulation in float64 from the
+    same rounded inputs, and PyTorch's in ``dtype`` (its autograd for the gradients)."""
+    from dagan_fast.ops import reference
+
+    def run(dt):
+        leaves = [t.detach().to(dt).requires_grad_(grad_out is not None) for t in (q, k, v)]
+        out = reference.materialized_attention(*leaves, scale)
+        scores = torch.matmul(leaves[0].detach(), leaves[1].detach().transpose(-1, -2)) * scale
+        res = {"out": out.detach(), "lse": torch.logsumexp(scores, -1)}
+        if grad_out is not None:
+            out.backward(grad_out.to(dt))
+            res.update(dq=leaves[0].grad, dk=leaves[1].grad, dv=leaves[2].grad)
+        return res
+
+    return run(torch.float64), run(dtype), attention_magnitudes(q, k, v, grad_out, scale)
