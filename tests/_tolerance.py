@@ -122,29 +122,36 @@ def attention_magnitudes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grad
 
 def warp_magnitudes(x: torch.Tensor, grid: torch.Tensor, occlusion: Optional[torch.Tensor],
                     grad_out: Optional[torch.Tensor] = None) -> dict:
-    """Sizes of the terms of grid_sample(x, grid, bilinear, zeros, align_corners=False) * occlusion.
+    """Sizes of the terms of out = grid_sample(x, grid, bilinear, zeros, align_corners=False) * occ, in float64.
 
-    A pixel is sum over 4 taps w_t x_t with w from the pixel coordinate c = ((g + 1) size - 1) / 2, whose
-    rounding is eps * size / 2 * (1 + |g|): out ~ |occ| max|x| (1 + size (1 + |g|)); d input ~ |go| |occ| per tap
-    summed over the output pixels reading it (bounded by max|go||occ| * pixels per input pixel);
-    d grid ~ size / 2 * |go| |occ| sum_C |x| * (1 + size (1 + |g|)); d occ ~ sum_C |go| max|x|.
-    Scalars (float), keys out, input, grid, occlusion (the last three with ``grad_out``).
+    A pixel is occ sum_t w_t x_t over its 4 taps with weights w_t >= 0: out: |occ| grid_sample(|x|);
+    d input (a sum over the pixels that read a tap): grid_sample_backward of |go| |occ| (exact, as w >= 0);
+    d occ: sum_C |go| grid_sample(|x|); d grid (per component; size the width or height): size / 2 |occ|
+    sum_C |go| 2 max|x| (the weight derivatives are +-(1 - f), +-f over the 4 taps). The rounding of the pixel
+    coordinate ((g + 1) size - 1) / 2 (about eps size, moving the weights by as much) is left out: PyTorch's
+    grid_sample computes the same coordinate and the same-precision reference carries it.
+    Keys out and, with ``grad_out``, input, grid, occlusion.
     """
+    import torch.nn.functional as F
+
+    from dagan_fast.ops import reference
+
     x = x.detach().double()
-    grid = grid.detach().double().clamp(-3, 3)
+    grid = grid.detach().double().clamp(-3, 3)  # as the reference: anything beyond reads zeros
     B, C, Hi, Wi = x.shape
-    Ho, Wo = grid.shape[1:3]
-    size = max(Hi, Wi)
-    occ = 1.0 if occlusion is None else float(occlusion.detach().double().abs().max()) if occlusion.numel() else 0.0
-    xmax = float(x.abs().max()) if x.numel() else 0.0
-    coord = 1.0 + size * (1.0 + float(grid.abs().max()) if grid.numel() else 1.0)
-    mags = {"out": occ * xmax * coord}
+    occ = None if occlusion is None else occlusion.detach().double().abs()
+    k = 1.0
+    sampled = F.grid_sample(x.abs(), grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    mags = {"out": k * (sampled if occ is None else sampled * occ)}
     if grad_out is not None:
-        go = float(grad_out.detach().double().abs().max()) if grad_out.numel() else 0.0
-        fan_in = max(1.0, (Ho * Wo) / max(Hi * Wi, 1)) * 4  # output pixels that read one input pixel, roughly
-        mags["input"] = go * occ * fan_in * 4 * coord
-        mags["grid"] = size / 2 * go * occ * C * xmax * coord
-        mags["occlusion"] = C * go * xmax * coord
+        go = grad_out.detach().double().abs()
+        gi = reference.warp_occlusion_backward(go, x, grid, occ, (True, False, False))[0]
+        mags["input"] = k * gi
+        w = go.sum(1, keepdim=True) * (1.0 if occ is None else occ)  # (B,1,Ho,Wo)
+        xmax = float(x.abs().max()) if x.numel() else 0.0
+        sizes = torch.tensor([Wi, Hi], dtype=torch.float64, device=x.device)
+        mags["grid"] = k * w[:, 0, :, :, None] * sizes / 2 * 2 * xmax
+        mags["occlusion"] = k * (go * sampled).sum(1, keepdim=True)
     return mags
 
 
@@ -193,3 +200,42 @@ def assert_attention_accurate(q, k, v, scale: Optional[float], out=None, grads=N
         if got is not None:
             assert_as_accurate(got, truth[key], same[key], magnitude=mags[key], dtype=got.dtype,
                                name=f"{name} {key}".strip())
+
+
+WARP_GRADS = ("input", "grid", "occlusion")
+
+
+def warp_references(x, grid, occ, grad_out=None, dtype: Optional[torch.dtype] = None):
+    """Oracles for one warp_occlusion call: (truth, same_precision, magnitudes), dicts with keys out and (with
+    ``grad_out``) input, grid, occlusion. truth: the reference (grid_sample * occlusion, grid clamped to +-3 so
+    inf reads zeros) in float64 from the same rounded inputs; same_precision: the same in float32 (float64 for
+    float64 inputs) rounded to ``dtype`` (default x's): what PyTorch computing in float32 and storing the
+    result in the kernel's dtype gets."""
+    from dagan_fast.ops import reference
+
+    dtype = x.dtype if dtype is None else dtype
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+
+    def run(dt, store):
+        a = [None if t is None else t.detach().to(dt) for t in (x, grid, occ)]
+        res = {"out": reference.warp_occlusion(*a).to(store)}
+        if grad_out is not None:
+            gs = reference.warp_occlusion_backward(grad_out.detach().to(dt), *a, (True, True, a[2] is not None))
+            res.update((n, g.to(store)) for n, g in zip(WARP_GRADS, gs))
+        return res
+
+    return run(torch.float64, torch.float64), run(acc, dtype), warp_magnitudes(x, grid, occ, grad_out)
+
+
+def assert_warp_accurate(x, grid, occ, *, out=None, grads=None, grad_out=None, dtype=None, name: str = "") -> None:
+    """The rule of this module for the results given of one warp_occlusion call: ``out`` and/or ``grads``
+    (input, grid, occlusion gradients for ``grad_out``; None or empty entries are skipped)."""
+    truth, same, mags = warp_references(x, grid, occ, grad_out, dtype)
+    results = {"out": out}
+    if grads is not None:
+        results.update(zip(WARP_GRADS, grads))
+    for key, got in results.items():
+        if got is None or (key != "out" and got.numel() == 0):
+            continue
+        assert_as_accurate(got, truth[key], same[key], magnitude=mags[key], dtype=got.dtype,
+                           name=f"{name} {key}".strip())
