@@ -239,3 +239,160 @@ def assert_warp_accurate(x, grid, occ, *, out=None, grads=None, grad_out=None, d
             continue
         assert_as_accurate(got, truth[key], same[key], magnitude=mags[key], dtype=got.dtype,
                            name=f"{name} {key}".strip())
+
+
+# --------------------------------------------------------------------------------------------------------------
+# sparse_motion_inputs and dense_motion
+# --------------------------------------------------------------------------------------------------------------
+def _outputs(res):
+    return list(res) if isinstance(res, (tuple, list)) else [res]
+
+
+def _abs_terms_by_jvp(fn, args, idx, ups, groups, step: float = 1e-7):
+    """sum_p |u_p| |d y_p / d theta_j| for theta = args[idx] (float64): ``groups`` lists (tangent mask, reduce)
+    pairs whose perturbed elements never reach the same output element, reduce mapping |u| * |jvp| (one tensor
+    per output) to the elements' magnitudes (added where the mask is set). The directional derivatives are
+    central differences in float64 (grid_sample has no forward-mode AD): a magnitude needs no more than a few
+    digits, and their relative error, about step^2 + eps64 / step, is ~1e-9."""
+    theta = args[idx]
+    scale = max(1.0, float(theta.abs().max()))
+    mag = torch.zeros_like(theta)
+    for mask, reduce in groups:
+        h = step * scale
+        plus, minus = list(args), list(args)
+        plus[idx], minus[idx] = theta + h * mask, theta - h * mask
+        outs = [(p - m) / (2 * h) for p, m in zip(_outputs(fn(*plus)), _outputs(fn(*minus)))]
+        mag = mag + reduce([u.abs() * t.abs() for u, t in zip(ups, outs)]) * mask
+    return mag
+
+
+def _keypoint_groups(theta, per_keypoint):
+    """One group per coordinate of a keypoint tensor (the 2 of kp, the 2x2 of jac): every batch and keypoint at
+    once, as keypoint k only reaches the outputs of block k of a ``per_keypoint`` function, whose |u| * |jvp|
+    terms (one (B,K+1,...) tensor) sum per (batch, keypoint) to the magnitudes (block 0 is the background)."""
+    B, K = theta.shape[:2]
+    groups = []
+    for coord in torch.ones(theta.shape[2:]).nonzero().tolist():
+        mask = torch.zeros_like(theta)
+        mask[(slice(None), slice(None), *coord)] = 1
+
+        def reduce(terms, shape=theta.shape):
+            total = sum(t.reshape(B, K + 1, -1).sum(-1)[:, 1:] for t in terms)
+            return total.view(B, K, *([1] * (len(shape) - 2)))
+
+        groups.append((mask, reduce))
+    return groups
+
+
+def motion_references(op: str, args, ups, dtype: Optional[torch.dtype] = None, variance: float = 0.01,
+                      truth_fn=None, magnitudes: bool = True):
+    """Oracles for sparse_motion_inputs (``op`` "sparse": args source, kp_s, jac_s, kp_d, jac_d; ups one tensor)
+    or dense_motion ("dense": args mask_logits, kp_s, jac_s, kp_d, jac_d; ups (grad deformation, grad mask)):
+    (truth, same_precision, magnitudes), each a list [outputs..., gradients of the non-None args...].
+
+    truth: PyTorch's autograd of the reference formulation (``truth_fn``, default dagan_fast.ops.reference) in
+    float64 from the same rounded inputs; same_precision: the same in float32 (float64 for float64 inputs),
+    rounded to ``dtype``. Magnitudes, float64: sparse out: heat |G(kp_d)| + |G(kp_s)|, warps
+    grid_sample(|source|) (weights >= 0); dense: deformation sum_k mask_k |T_k(z)|, mask the softmax itself;
+    gradients: sum over output elements p of |u_p| |d y_p / d theta_j| (the terms the backward adds): by the
+    backward of |u| for the source (d warp / d source >= 0), in closed form for the logits (softmax), by
+    float64 central differences for keypoints and Jacobians (a pair of passes per coordinate, every batch and
+    keypoint at once: keypoint k only moves the motion T_k).
+    """
+    from dagan_fast.ops import reference
+
+    dtype = args[0].dtype if dtype is None else dtype
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    ups = _outputs(ups)
+    if truth_fn is None:
+        truth_fn = ((lambda *a: reference.sparse_motion_inputs(*a, variance)) if op == "sparse"
+                    else reference.dense_motion)
+
+    def run(dt, store, fn):
+        leaves = [None if t is None else t.detach().to(dt).requires_grad_() for t in args]
+        outs = _outputs(fn(*leaves))
+        present = [t for t in leaves if t is not None]
+        grads = torch.autograd.grad(outs, present, [u.to(dt) for u in ups], allow_unused=True)
+        grads = [torch.zeros_like(t) if g is None else g for t, g in zip(present, grads)]
+        return [t.detach().to(store) for t in outs + grads]
+
+    truth = run(torch.float64, torch.float64, truth_fn)
+    same = run(acc, dtype, truth_fn)
+    if not magnitudes:
+        return truth, same, None
+
+    a64 = [None if t is None else t.detach().double() for t in args]
+    u64 = [u.detach().double() for u in ups]
+    ref_fn = (lambda *a: reference.sparse_motion_inputs(*a, variance)) if op == "sparse" else reference.dense_motion
+    B, K = a64[1].shape[:2]
+    mags = []
+    if op == "sparse":
+        src = a64[0]
+        C, H, W = src.shape[1:]
+        grid = reference.make_coordinate_grid(H, W, torch.float64, src.device)
+        heat = reference._gaussians(grid, a64[3], variance) + reference._gaussians(grid, a64[1], variance)
+        A, b = reference.keypoint_affine(*a64[1:])
+        motions = reference.taylor_motions(A, b, grid).reshape(B * (K + 1), H, W, 2)
+        rep = src.abs().unsqueeze(1).expand(B, K + 1, C, H, W).reshape(B * (K + 1), C, H, W)
+        warped = F_grid_sample(rep, motions).view(B, K + 1, C, H, W)
+        heat = torch.cat([heat.new_zeros(B, 1, H, W), heat], 1).unsqueeze(2)
+        mags.append(torch.cat([heat, warped], 2).reshape(B, (K + 1) * (C + 1), H, W))
+        leaves = [None if t is None else t.clone().requires_grad_() for t in a64]
+        out = ref_fn(*leaves)
+        g_src = torch.autograd.grad(out, leaves[0], u64[0].abs(), allow_unused=True)[0]  # d out / d source >= 0
+        mags.append(torch.zeros_like(src) if g_src is None else g_src)
+    else:
+        logits = a64[0]
+        H, W = logits.shape[2:]
+        grid = reference.make_coordinate_grid(H, W, torch.float64, logits.device)
+        mask = torch.softmax(logits, 1)
+        A, b = reference.keypoint_affine(*a64[1:])
+        motions = reference.taylor_motions(A, b, grid)
+        mags += [(mask.unsqueeze(-1) * motions.abs()).sum(1), mask]
+
+        # d logits_j = sum_k a_k m_k (delta_kj - m_j), a_k = u_mask_k + u_def . T_k: terms |a_k| m_k (delta_kj + m_j)
+        a_abs = u64[1].abs() + (u64[0].abs().unsqueeze(1) * motions.abs()).sum(-1)
+        mags.append(a_abs * mask + mask * (a_abs * mask).sum(1, keepdim=True))
+    # keypoint k moves only T_k (sparse: block k of the output; dense: the term mask_k T_k of the deformation)
+    if op == "sparse":
+        per_ups = [u64[0].view(B, K + 1, -1)]
+
+        def per_keypoint(*a):
+            return ref_fn(*a).view(B, K + 1, -1)
+    else:
+        def per_keypoint(logits, *kp):
+            Hh, Ww = logits.shape[2:]
+            g = reference.make_coordinate_grid(Hh, Ww, logits.dtype, logits.device)
+            return torch.softmax(logits, 1).unsqueeze(-1) * reference.taylor_motions(*reference.keypoint_affine(*kp), g)
+
+        per_ups = [u64[0].unsqueeze(1).expand(B, K + 1, *u64[0].shape[1:])]
+    for idx in range(1, 5):
+        if a64[idx] is not None:
+            mags.append(_abs_terms_by_jvp(per_keypoint, a64, idx, per_ups, _keypoint_groups(a64[idx], per_keypoint)))
+    return truth, same, mags
+
+
+def F_grid_sample(x, grid):
+    import torch.nn.functional as F
+
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+def assert_motion_accurate(op: str, args, ups, results, *, variance: float = 0.01, truth_fns=(None,),
+                           dtype: Optional[torch.dtype] = None, ulps: float = DEFAULT_ULPS, name: str = "") -> None:
+    """The rule of this module for ``results`` = [outputs..., gradients of the non-None args...] of one
+    sparse_motion_inputs / dense_motion call (see motion_references), once per formulation in ``truth_fns``
+    (None: dagan_fast.ops.reference; e.g. the official DaGAN code written out); None results are skipped."""
+    arg_names = ["source" if op == "sparse" else "mask_logits", "kp_source", "jac_source", "kp_driving",
+                 "jac_driving"]
+    names = (["out"] if op == "sparse" else ["deformation", "mask"]) + [
+        n for n, t in zip(arg_names, args) if t is not None]
+    mags = None
+    for i, fn in enumerate(truth_fns):
+        truth, same, m = motion_references(op, args, ups, dtype, variance, fn, magnitudes=mags is None)
+        mags = m if mags is None else mags
+        assert len(results) == len(truth), (len(results), len(truth))
+        for key, got, t, s, mg in zip(names, results, truth, same, mags):
+            if got is not None:
+                assert_as_accurate(got, t, s, magnitude=mg, dtype=got.dtype, ulps=ulps,
+                                   name=f"{name} {key} (formulation {i})".strip())
