@@ -285,7 +285,7 @@ def _keypoint_groups(theta, per_keypoint):
 
 
 def motion_references(op: str, args, ups, dtype: Optional[torch.dtype] = None, variance: float = 0.01,
-                      truth_fn=None, magnitudes: bool = True):
+                      truth_fn=None, magnitudes: bool = True, with_grads: bool = True):
     """Oracles for sparse_motion_inputs (``op`` "sparse": args source, kp_s, jac_s, kp_d, jac_d; ups one tensor)
     or dense_motion ("dense": args mask_logits, kp_s, jac_s, kp_d, jac_d; ups (grad deformation, grad mask)):
     (truth, same_precision, magnitudes), each a list [outputs..., gradients of the non-None args...].
@@ -311,6 +311,8 @@ def motion_references(op: str, args, ups, dtype: Optional[torch.dtype] = None, v
     def run(dt, store, fn):
         leaves = [None if t is None else t.detach().to(dt).requires_grad_() for t in args]
         outs = _outputs(fn(*leaves))
+        if not with_grads:
+            return [t.detach().to(store) for t in outs]
         present = [t for t in leaves if t is not None]
         grads = torch.autograd.grad(outs, present, [u.to(dt) for u in ups], allow_unused=True)
         grads = [torch.zeros_like(t) if g is None else g for t, g in zip(present, grads)]
@@ -322,7 +324,7 @@ def motion_references(op: str, args, ups, dtype: Optional[torch.dtype] = None, v
         return truth, same, None
 
     a64 = [None if t is None else t.detach().double() for t in args]
-    u64 = [u.detach().double() for u in ups]
+    u64 = [u.detach().double() for u in ups] if with_grads else []
     ref_fn = (lambda *a: reference.sparse_motion_inputs(*a, variance)) if op == "sparse" else reference.dense_motion
     B, K = a64[1].shape[:2]
     mags = []
@@ -337,6 +339,8 @@ def motion_references(op: str, args, ups, dtype: Optional[torch.dtype] = None, v
         warped = F_grid_sample(rep, motions).view(B, K + 1, C, H, W)
         heat = torch.cat([heat.new_zeros(B, 1, H, W), heat], 1).unsqueeze(2)
         mags.append(torch.cat([heat, warped], 2).reshape(B, (K + 1) * (C + 1), H, W))
+        if not with_grads:
+            return truth, same, mags
         leaves = [None if t is None else t.clone().requires_grad_() for t in a64]
         out = ref_fn(*leaves)
         g_src = torch.autograd.grad(out, leaves[0], u64[0].abs(), allow_unused=True)[0]  # d out / d source >= 0
@@ -349,6 +353,8 @@ def motion_references(op: str, args, ups, dtype: Optional[torch.dtype] = None, v
         A, b = reference.keypoint_affine(*a64[1:])
         motions = reference.taylor_motions(A, b, grid)
         mags += [(mask.unsqueeze(-1) * motions.abs()).sum(1), mask]
+        if not with_grads:
+            return truth, same, mags
 
         # d logits_j = sum_k a_k m_k (delta_kj - m_j), a_k = u_mask_k + u_def . T_k: terms |a_k| m_k (delta_kj + m_j)
         a_abs = u64[1].abs() + (u64[0].abs().unsqueeze(1) * motions.abs()).sum(-1)
@@ -382,14 +388,20 @@ def assert_motion_accurate(op: str, args, ups, results, *, variance: float = 0.0
                            dtype: Optional[torch.dtype] = None, ulps: float = DEFAULT_ULPS, name: str = "") -> None:
     """The rule of this module for ``results`` = [outputs..., gradients of the non-None args...] of one
     sparse_motion_inputs / dense_motion call (see motion_references), once per formulation in ``truth_fns``
-    (None: dagan_fast.ops.reference; e.g. the official DaGAN code written out); None results are skipped."""
+    (None: dagan_fast.ops.reference; e.g. the official DaGAN code written out); None results are skipped,
+    and only the forward is computed when every gradient is None (``ups`` is then unused)."""
     arg_names = ["source" if op == "sparse" else "mask_logits", "kp_source", "jac_source", "kp_driving",
                  "jac_driving"]
     names = (["out"] if op == "sparse" else ["deformation", "mask"]) + [
         n for n, t in zip(arg_names, args) if t is not None]
+    n_out = 1 if op == "sparse" else 2
+    with_grads = any(r is not None for r in results[n_out:])
+    if not with_grads:
+        results, names = results[:n_out], names[:n_out]
     mags = None
     for i, fn in enumerate(truth_fns):
-        truth, same, m = motion_references(op, args, ups, dtype, variance, fn, magnitudes=mags is None)
+        truth, same, m = motion_references(op, args, ups, dtype, variance, fn, magnitudes=mags is None,
+                                           with_grads=with_grads)
         mags = m if mags is None else mags
         assert len(results) == len(truth), (len(results), len(truth))
         for key, got, t, s, mg in zip(names, results, truth, same, mags):

@@ -11,7 +11,7 @@ import torch
 from dagan_fast import _backends
 from dagan_fast.ops import dense_motion, reference, sparse_motion_inputs
 from conftest import gpu, rel_err
-from test_motion_ops import make_inputs
+from _inputs import make_inputs
 
 SPARSE = "sparse_motion_inputs"
 DENSE = "dense_motion"
