@@ -236,7 +236,6 @@ def test_memory_flat_over_500_frames(model):
 
 
 @gpu
-@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_gpu_low_precision_psnr(model, clip, dtype):
     frames = [torch.from_numpy(f).permute(2, 0, 1).float() / 255 for f in clip[:6]]
@@ -248,7 +247,6 @@ def test_gpu_low_precision_psnr(model, clip, dtype):
 
 
 @gpu
-@pytest.mark.gpu
 def test_gpu_graphs_match_eager_and_cpu(model, clip):
     frames = clip[:6]
     cpu = [torch.from_numpy(o).float() for o in Animator(model, face(), size=SIZE).stream(frames)]

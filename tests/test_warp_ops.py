@@ -388,7 +388,6 @@ def test_fused_warp_module(backend):
 
 
 @gpu
-@pytest.mark.gpu
 def test_cuda_matches_reference():
     x, grid, occ = (t.cuda() for t in make_inputs(2, 19, 33, 31, 29, 37))
     leaves = [t.clone().requires_grad_() for t in (x, grid, occ)]
