@@ -102,7 +102,8 @@ class ReferenceBackend(Backend):
     name = "reference"
 
     def describe(self) -> str:
-        return "pure PyTorch on any device: the spec and the fallback (differentiable, float64-capable)"
+        return ("pure PyTorch on any device: the spec and the fallback (differentiable, float64-capable; "
+                f"on CPU tensors ATen's {torch.backends.cpu.get_cpu_capability()} path)")
 
 
 class CppCpuBackend(Backend):
@@ -122,7 +123,10 @@ class CppCpuBackend(Backend):
         return None if device.type == "cpu" else f"runs on CPU tensors, got {device.type}"
 
     def describe(self) -> str:
-        return f"C++ CPU kernels from {extension().path} (torch threads: {torch.get_num_threads()})"
+        from .ops._cpu import cpu_capability_summary
+
+        return (f"C++ CPU kernels from {extension().path} (torch threads: {torch.get_num_threads()}; "
+                f"{cpu_capability_summary()})")
 
 
 class CudaBackend(Backend):
