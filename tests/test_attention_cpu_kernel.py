@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from dagan_fast._extension import has_kernel
-from dagan_fast.ops import attention_with_lse, cross_modal_attention, reference
+from dagan_fast.ops import attention_with_lse, cross_modal_attention
 from _tolerance import assert_as_accurate, attention_references
 
 pytestmark = pytest.mark.skipif(not has_kernel("cross_modal_attention_fwd", "CPU"),

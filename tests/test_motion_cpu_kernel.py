@@ -19,7 +19,6 @@ pytestmark = pytest.mark.skipif(
     not (_info.available and "sparse_motion_inputs" in _info.ops and "dense_motion" in _info.ops),
     reason=f"the C++ CPU motion kernels are not built here: {_info.detail}")
 
-NAMES = ["kp_source", "jac_source", "kp_driving", "jac_driving"]
 
 
 @pytest.fixture(autouse=True)
