@@ -20,7 +20,6 @@ pytestmark = pytest.mark.skipif(
     reason=f"the C++ CPU motion kernels are not built here: {_info.detail}")
 
 
-
 @pytest.fixture(autouse=True)
 def _poison(monkeypatch):
     monkeypatch.setenv("DAGAN_FAST_POISON", "1")
