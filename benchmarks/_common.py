@@ -31,7 +31,18 @@ def versions() -> Dict[str, str]:
     except OSError:
         commit = "unknown"
     return {"torch": torch.__version__, "triton": triton_version, "commit": commit,
-            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")}
+            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "cpu_capability": cpu_capability()}
+
+
+def cpu_capability() -> str:
+    """The CPU vector paths in use, one CSV cell: dagan_fast.ops.cpu_capability_summary(), e.g.
+    ``aten=AVX512;kernels=avx512+bf16;cpu=avx2+avx512+avx512_bf16+amx`` (ATEN_CPU_CAPABILITY lowers aten=)."""
+    try:
+        from dagan_fast.ops import cpu_capability_summary
+    except ImportError:  # an older package: ATen's alone
+        return f"aten={torch.backends.cpu.get_cpu_capability()}"
+    return cpu_capability_summary()
 
 
 def time_ms(fn: Callable[[], object], device: torch.device, *, warmup: int = 3, repeats: int = 10,
@@ -63,9 +74,12 @@ def time_ms(fn: Callable[[], object], device: torch.device, *, warmup: int = 3, 
 def append_csv(path: str, rows: List[Dict[str, object]]) -> None:
     """Appends rows (dicts) to ``path``, writing the header for a new file. Rows with columns the file
     lacks (or that other rows lack, e.g. GB/s next to TFLOP/s) rewrite it with the widened header; missing
-    cells are empty."""
+    cells are empty. Every row gets a ``cpu_capability`` cell (see cpu_capability()) unless it has one."""
     if not rows:
         return
+    # every row says which CPU vector paths produced it (issue 14); rows built without versions() get this process's
+    capability = cpu_capability()
+    rows = [row if "cpu_capability" in row else {**row, "cpu_capability": capability} for row in rows]
     os.makedirs(os.path.dirname(path), exist_ok=True)
     fields = list(dict.fromkeys(key for row in rows for key in row))  # every row's columns, first-seen order
     old_rows: List[Dict[str, object]] = []

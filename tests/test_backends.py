@@ -182,3 +182,26 @@ def test_epilogue_is_declared_on_the_backend():
         assert toy.kernels["cross_modal_attention"].epilogue(None) == ("fused",)
     finally:
         del _backends.BACKENDS["toy"]
+
+
+def test_cpu_capability_reports_aten_and_the_processor(monkeypatch):
+    cap = dagan_fast.ops.cpu_capability()
+    assert set(cap) == {"aten", "aten_requested", "cpu", "kernels", "kernels_requested"}
+    assert cap["aten"] == torch.backends.cpu.get_cpu_capability()
+    if cap["cpu"] is not None:  # Linux: every feature named, booleans; AVX-512 implies AVX2
+        assert set(cap["cpu"]) == {"avx2", "avx512", "avx512_bf16", "amx"}
+        assert all(isinstance(v, bool) for v in cap["cpu"].values())
+        assert cap["cpu"]["avx2"] or not cap["cpu"]["avx512"]
+    monkeypatch.setenv("ATEN_CPU_CAPABILITY", "avx2")
+    assert dagan_fast.ops.cpu_capability()["aten_requested"] == "avx2"
+    summary = dagan_fast.ops.cpu_capability_summary()
+    assert summary.startswith(f"aten={cap['aten']};") and "," not in summary
+    assert f"aten={cap['aten']}" in dagan_fast.ops.available_backends()["cpu"].detail or \
+        not dagan_fast.ops.available_backends()["cpu"].available
+
+
+def test_cpu_capability_follows_aten_cpu_capability():
+    code = "import dagan_fast.ops as o; print(o.cpu_capability()['aten'])"
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": "default"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    assert out.stdout.strip().splitlines()[-1] == "DEFAULT"

@@ -8,7 +8,7 @@ import pytest
 from dagan_fast import cli
 from dagan_fast.media.video import VideoReader, VideoWriter
 
-from test_streaming import SIZE, face, head_motion, small_model
+from _inputs import SIZE, face, head_motion, small_model
 
 
 @pytest.fixture(scope="module")

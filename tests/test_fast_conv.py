@@ -12,7 +12,7 @@ import torch.nn as nn
 from dagan_fast import Animator
 from dagan_fast.models.fast_conv import FastConv2d, fast_convolutions_available, use_fast_convolutions
 
-from test_streaming import SIZE, face, head_motion, small_model
+from _inputs import SIZE, face, head_motion, small_model
 
 pytestmark = pytest.mark.skipif(not fast_convolutions_available(), reason="no NNPACK in this PyTorch build")
 

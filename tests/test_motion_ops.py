@@ -13,6 +13,8 @@ import dagan_fast
 from dagan_fast.ops import _backends
 from dagan_fast.ops import BackendError, available_backends, dense_motion, reference, sparse_motion_inputs
 from conftest import backends_for, rel_err
+from _tolerance import DEFAULT_ULPS, assert_motion_accurate
+from _inputs import make_inputs
 
 SPARSE = "sparse_motion_inputs"
 DENSE = "dense_motion"
@@ -37,34 +39,6 @@ def _poison_and_check_values(monkeypatch):
 
 
 # ------------------------------------------------------------------------------------- inputs
-def random_jacobians(B, K, g, dtype, scale_range=(0.5, 1.6)):
-    """Well-conditioned (B,K,2,2): R(t) diag(s1, s2) R(u), with det of both signs."""
-    t = torch.rand(B, K, generator=g, dtype=torch.float64) * 2 * math.pi
-    u = torch.rand(B, K, generator=g, dtype=torch.float64) * 2 * math.pi
-    lo, hi = scale_range
-    s = lo + (hi - lo) * torch.rand(B, K, 2, generator=g, dtype=torch.float64)
-    sign = torch.where(torch.rand(B, K, generator=g, dtype=torch.float64) < 0.3, -1.0, 1.0)
-    s[..., 1] *= sign
-
-    def rot(a):
-        c, sn = torch.cos(a), torch.sin(a)
-        return torch.stack([torch.stack([c, -sn], -1), torch.stack([sn, c], -1)], -2)
-
-    return (rot(t) @ torch.diag_embed(s) @ rot(u)).to(dtype)
-
-
-def make_inputs(B, K, C, H, W, *, dtype=torch.float64, seed=0, spread=1.0, jacobians=True):
-    """source (B,C,H,W), kp_s, jac_s, kp_d, jac_d, mask_logits (B,K+1,H,W): fresh random, never zeros."""
-    g = torch.Generator().manual_seed(seed)
-    source = torch.randn(B, C, H, W, generator=g, dtype=torch.float64).to(dtype)
-    kp_s = ((torch.rand(B, K, 2, generator=g, dtype=torch.float64) * 2 - 1) * spread).to(dtype)
-    kp_d = ((torch.rand(B, K, 2, generator=g, dtype=torch.float64) * 2 - 1) * spread).to(dtype)
-    jac_s = random_jacobians(B, K, g, dtype) if jacobians else None
-    jac_d = random_jacobians(B, K, g, dtype) if jacobians else None
-    logits = (2 * torch.randn(B, K + 1, H, W, generator=g, dtype=torch.float64)).to(dtype)
-    return source, kp_s, jac_s, kp_d, jac_d, logits
-
-
 # ------------------------------------------------------------------- official-style formulation
 def official_grid(h, w, dtype):
     """make_coordinate_grid of FOMM/DaGAN; a size-1 axis gets coordinate 0 (the official 0/0 is NaN)."""
@@ -248,11 +222,10 @@ def test_reference_backend_is_listed_for_both_ops():
 
 def test_default_dispatch_matches_reference():
     source, kp_s, jac_s, kp_d, jac_d, logits = make_inputs(2, 3, 2, 5, 6, dtype=torch.float32)
-    expected = sparse_motion_inputs(source, kp_s, jac_s, kp_d, jac_d, backend="reference")
-    assert rel_err(sparse_motion_inputs(source, kp_s, jac_s, kp_d, jac_d), expected) < 1e-5
-    d_ref, m_ref = dense_motion(logits, kp_s, jac_s, kp_d, jac_d, backend="reference")
+    args = (source, kp_s, jac_s, kp_d, jac_d)
+    assert_motion_accurate("sparse", args, None, [sparse_motion_inputs(*args)] + [None] * 5)
     d, m = dense_motion(logits, kp_s, jac_s, kp_d, jac_d)
-    assert rel_err(d, d_ref) < 1e-5 and rel_err(m, m_ref) < 1e-5
+    assert_motion_accurate("dense", (logits, kp_s, jac_s, kp_d, jac_d), None, [d, m] + [None] * 5)
 
 
 # ------------------------------------------------------------------ 1. Python-loop oracle, float64
@@ -321,20 +294,6 @@ OFFICIAL_SHAPES = [
 ]
 
 
-def fp32_warp_tolerance(H, W):
-    """Max-relative-error bound for float32 warped channels. A float32 motion is good to ~1 ulp
-    (6e-8 of |T| ~ 4); grid_sample turns that into pixels (x W/2) and the white-noise source into values,
-    so at 64-65 px two float32 formulations of the same warp differ by ~1.5e-5, and each is ~1e-5 from
-    the float64 truth (grid_sample on a correctly rounded float32 grid is itself 4e-6 off). Up to 16 px
-    the bound is 1e-5."""
-    return 1e-5 if max(H, W) <= 16 else 3e-5
-
-
-def normwise_err(actual, expected):
-    a, e = actual.detach().double(), expected.detach().double()
-    return float((a - e).norm() / e.norm().clamp_min(1e-30))
-
-
 @pytest.mark.parametrize("backend", SPARSE_BACKENDS)
 @pytest.mark.parametrize("shape", OFFICIAL_SHAPES)
 @pytest.mark.parametrize("jacobians", [True, False])
@@ -344,15 +303,10 @@ def test_sparse_forward_matches_official(backend, shape, jacobians):
     B, K, C, H, W = shape
     assert out.shape == (B, (K + 1) * (C + 1), H, W) and out.dtype == torch.float32
     assert torch.isfinite(out).all()
-    expected = official_sparse_inputs(source, kp_s, jac_s, kp_d, jac_d)
-    split = lambda t: t.view(B, K + 1, C + 1, H, W)  # noqa: E731
-    assert rel_err(split(out)[:, :, 0], split(expected)[:, :, 0]) < 1e-5      # heatmaps
-    assert normwise_err(out, expected) < 1e-5
-    assert rel_err(out, expected) < fp32_warp_tolerance(H, W)
-    # The same float32 inputs through the float64 official formulation: the exact answer.
-    d = lambda t: t.double() if t is not None else None  # noqa: E731
-    truth = official_sparse_inputs(d(source), d(kp_s), d(jac_s), d(kp_d), d(jac_d))
-    assert rel_err(out, truth) < fp32_warp_tolerance(H, W)
+    # The same float32 inputs through the float64 official formulation are the exact answer; PyTorch's float32
+    # warps at 64-65 px are ~1e-5 off it (a 1-ulp motion moves a sample by ~W/2 ulps): the yardstick.
+    assert_motion_accurate("sparse", (source, kp_s, jac_s, kp_d, jac_d), None, [out] + [None] * 5,
+                           truth_fns=(official_sparse_inputs,))
 
 
 @pytest.mark.parametrize("backend", SPARSE_BACKENDS)
@@ -370,10 +324,9 @@ def test_sparse_forward_matches_official_float64(backend, shape):
 def test_dense_forward_matches_official(backend, shape, jacobians):
     _, kp_s, jac_s, kp_d, jac_d, logits = make_inputs(*shape, dtype=torch.float32, seed=4, jacobians=jacobians)
     deformation, mask = dense_motion(logits, kp_s, jac_s, kp_d, jac_d, backend=backend)
-    d_exp, m_exp = official_dense(logits, kp_s, jac_s, kp_d, jac_d)
     assert torch.isfinite(deformation).all() and torch.isfinite(mask).all()
-    assert rel_err(deformation, d_exp) < 1e-5
-    assert rel_err(mask, m_exp) < 1e-5
+    assert_motion_accurate("dense", (logits, kp_s, jac_s, kp_d, jac_d), None, [deformation, mask] + [None] * 5,
+                           truth_fns=(official_dense,))
 
 
 def test_official_order_is_heat_then_channels_per_keypoint():
@@ -414,14 +367,11 @@ def test_sparse_backward_matches_official_autograd(backend, shape, jacobians, dt
     upstream = torch.randn(B, (K + 1) * (C + 1), H, W, generator=g, dtype=torch.float64).to(dtype)
     ins = _inputs_requiring_grad([source, kp_s, jac_s, kp_d, jac_d])
     got = _grads(sparse_motion_inputs(*ins, backend=backend), ins, upstream)
-    ins2 = _inputs_requiring_grad([source, kp_s, jac_s, kp_d, jac_d])
-    expected = _grads(official_sparse_inputs(*ins2), ins2, upstream)
-    tol = 1e-5 if dtype == torch.float32 else 1e-10
-    names = ["source", "kp_source", "jac_source", "kp_driving", "jac_driving"] if jacobians else \
-        ["source", "kp_source", "kp_driving"]
-    for name, a, e in zip(names, got, expected):
-        assert torch.isfinite(a).all(), name
-        assert rel_err(a, e) < tol, (name, rel_err(a, e))
+    # float64: the truth is the same-precision run, so the floor carries the pixel coordinate's rounding,
+    # eps (1 + max(H, W)), which moves a bilinear sample by as many roundings (see test_motion_cpu_kernel)
+    ulps = DEFAULT_ULPS * (1 + max(H, W)) if dtype == torch.float64 else DEFAULT_ULPS
+    assert_motion_accurate("sparse", (source, kp_s, jac_s, kp_d, jac_d), upstream, [None, *got],
+                           truth_fns=(official_sparse_inputs,), ulps=ulps, name=backend)
 
 
 @pytest.mark.parametrize("backend", DENSE_BACKENDS)
@@ -436,14 +386,8 @@ def test_dense_backward_matches_official_autograd(backend, shape, jacobians, dty
     up_m = torch.randn(B, K + 1, H, W, generator=g, dtype=torch.float64).to(dtype)
     ins = _inputs_requiring_grad([logits, kp_s, jac_s, kp_d, jac_d])
     got = _grads(dense_motion(*ins, backend=backend), ins, (up_d, up_m))
-    ins2 = _inputs_requiring_grad([logits, kp_s, jac_s, kp_d, jac_d])
-    expected = _grads(official_dense(*ins2), ins2, (up_d, up_m))
-    tol = 1e-5 if dtype == torch.float32 else 1e-10
-    names = ["mask_logits", "kp_source", "jac_source", "kp_driving", "jac_driving"] if jacobians else \
-        ["mask_logits", "kp_source", "kp_driving"]
-    for name, a, e in zip(names, got, expected):
-        assert torch.isfinite(a).all(), name
-        assert rel_err(a, e) < tol, (name, rel_err(a, e))
+    assert_motion_accurate("dense", (logits, kp_s, jac_s, kp_d, jac_d), (up_d, up_m), [None, None, *got],
+                           truth_fns=(official_dense,), name=backend)
 
 
 GC_SHAPE = (2, 3, 2, 5, 6)
@@ -615,17 +559,16 @@ def test_backward_with_only_source_or_only_logits_requiring_grad(backend):
     # gradients, which must be distinct tensors (a custom op's outputs may not alias each other).
     source, kp_s, jac_s, kp_d, jac_d, logits = make_inputs(2, 3, 2, 5, 6, dtype=torch.float32, seed=15)
     s = source.clone().requires_grad_(True)
-    sparse_motion_inputs(s, kp_s, jac_s, kp_d, jac_d, backend=backend).square().sum().backward()
-    s2 = source.clone().requires_grad_(True)
-    official_sparse_inputs(s2, kp_s, jac_s, kp_d, jac_d).square().sum().backward()
-    assert rel_err(s.grad, s2.grad) < 1e-5
+    out = sparse_motion_inputs(s, kp_s, jac_s, kp_d, jac_d, backend=backend)
+    out.square().sum().backward()
+    # d(out^2)/d source = the backward of 2 out: the upstream is 2 out (the kernel's own, as autograd used it)
+    assert_motion_accurate("sparse", (source, kp_s, jac_s, kp_d, jac_d), 2 * out.detach(),
+                           [None, s.grad, None, None, None, None], truth_fns=(official_sparse_inputs,))
     ml = logits.clone().requires_grad_(True)
     d, m = dense_motion(ml, kp_s, jac_s, kp_d, jac_d, backend="reference")
     (d.sum() + m.square().sum()).backward()
-    ml2 = logits.clone().requires_grad_(True)
-    d2, m2 = official_dense(ml2, kp_s, jac_s, kp_d, jac_d)
-    (d2.sum() + m2.square().sum()).backward()
-    assert rel_err(ml.grad, ml2.grad) < 1e-5
+    assert_motion_accurate("dense", (logits, kp_s, jac_s, kp_d, jac_d), (torch.ones_like(d), 2 * m.detach()),
+                           [None, None, ml.grad, None, None, None, None], truth_fns=(official_dense,))
 
 
 # ---------------------------------------------------------------------------- 5. awkward cases
@@ -638,7 +581,8 @@ def test_sparse_keypoints_far_outside(backend):
     kp_d = ((torch.rand(B, K, 2, generator=g) * 2 - 1) * 5).to(torch.float32)
     out = sparse_motion_inputs(source, kp_s, jac_s, kp_d, jac_d, backend=backend)
     assert out.shape == (B, (K + 1) * (C + 1), H, W) and torch.isfinite(out).all()
-    assert rel_err(out, official_sparse_inputs(source, kp_s, jac_s, kp_d, jac_d)) < 1e-5
+    assert_motion_accurate("sparse", (source, kp_s, jac_s, kp_d, jac_d), None, [out] + [None] * 5,
+                           truth_fns=(official_sparse_inputs,))
     # Source keypoints at +5 with identity Jacobians: T_k(z) = (5,5) + z - kp_d lies entirely beyond
     # the image when kp_d is inside, so those samples read zero padding; the source Gaussian is 0.
     kp_s5 = torch.full((B, K, 2), 5.0)
@@ -650,9 +594,8 @@ def test_sparse_keypoints_far_outside(backend):
     ins = _inputs_requiring_grad([source, kp_s, jac_s, kp_d, jac_d])
     out = sparse_motion_inputs(*ins, backend=backend)
     up = torch.randn(out.shape, generator=g)
-    ins2 = _inputs_requiring_grad([source, kp_s, jac_s, kp_d, jac_d])
-    for a, e in zip(_grads(out, ins, up), _grads(official_sparse_inputs(*ins2), ins2, up)):
-        assert torch.isfinite(a).all() and rel_err(a, e) < 1e-5
+    assert_motion_accurate("sparse", (source, kp_s, jac_s, kp_d, jac_d), up, [None, *_grads(out, ins, up)],
+                           truth_fns=(official_sparse_inputs,))
 
 
 @pytest.mark.parametrize("backend", DENSE_BACKENDS)
@@ -663,12 +606,9 @@ def test_dense_keypoints_far_outside(backend):
     kp_d = (torch.rand(2, 4, 2, generator=g) * 2 - 1) * 5
     ins = _inputs_requiring_grad([logits, kp_s, jac_s, kp_d, jac_d])
     d, m = dense_motion(*ins, backend=backend)
-    ins2 = _inputs_requiring_grad([logits, kp_s, jac_s, kp_d, jac_d])
-    d_exp, m_exp = official_dense(*ins2)
-    assert torch.isfinite(d).all() and rel_err(d, d_exp) < 1e-5 and rel_err(m, m_exp) < 1e-5
     ups = (torch.randn(d.shape, generator=g), torch.randn(m.shape, generator=g))
-    for a, e in zip(_grads((d, m), ins, ups), _grads((d_exp, m_exp), ins2, ups)):
-        assert torch.isfinite(a).all() and rel_err(a, e) < 1e-5
+    assert_motion_accurate("dense", (logits, kp_s, jac_s, kp_d, jac_d), ups, [d, m, *_grads((d, m), ins, ups)],
+                           truth_fns=(official_dense,))
 
 
 @pytest.mark.parametrize("backend", sorted(set(SPARSE_BACKENDS) & set(DENSE_BACKENDS)))
@@ -806,27 +746,22 @@ def test_singular_driving_jacobians_forward(backend, name):
 def test_singular_driving_jacobians_backward(backend, name, dtype):
     # Gradients are finite and equal autograd through the hand floor (zero through a floored det).
     source, kp_s, jac_s, kp_d, jac_d, logits, _ = _singular_inputs(name, dtype=dtype)
-    tol = 1e-10 if dtype == torch.float64 else 2e-5
+    H, W = source.shape[2:]
+    ulps = DEFAULT_ULPS * (1 + max(H, W)) if dtype == torch.float64 else DEFAULT_ULPS  # see the official tests
     g = torch.Generator().manual_seed(24)
     ins = _inputs_requiring_grad([source, kp_s, jac_s, kp_d, jac_d])
     out = sparse_motion_inputs(*ins, backend=backend)
     up = torch.randn(out.shape, generator=g, dtype=torch.float64).to(dtype)
     got = _grads(out, ins, up)
-    ins2 = _inputs_requiring_grad([source, kp_s, jac_s, kp_d, jac_d])
-    expected = _grads(official_sparse_inputs(*ins2, inverse=floored_inverse), ins2, up)
-    for a, e in zip(got, expected):
-        assert torch.isfinite(a).all()
-        assert rel_err(a, e) < tol
+    assert_motion_accurate("sparse", (source, kp_s, jac_s, kp_d, jac_d), up, [None, *got], ulps=ulps,
+                           truth_fns=(lambda *a: official_sparse_inputs(*a, inverse=floored_inverse),))
     ins = _inputs_requiring_grad([logits, kp_s, jac_s, kp_d, jac_d])
     d, m = dense_motion(*ins, backend=backend)
     ups = (torch.randn(d.shape, generator=g, dtype=torch.float64).to(dtype),
            torch.randn(m.shape, generator=g, dtype=torch.float64).to(dtype))
     got = _grads((d, m), ins, ups)
-    ins2 = _inputs_requiring_grad([logits, kp_s, jac_s, kp_d, jac_d])
-    expected = _grads(official_dense(*ins2, inverse=floored_inverse), ins2, ups)
-    for a, e in zip(got, expected):
-        assert torch.isfinite(a).all()
-        assert rel_err(a, e) < tol
+    assert_motion_accurate("dense", (logits, kp_s, jac_s, kp_d, jac_d), ups, [None, None, *got], ulps=ulps,
+                           truth_fns=(lambda *a: official_dense(*a, inverse=floored_inverse),))
 
 
 def test_singular_driving_jacobian_float16_stays_finite():

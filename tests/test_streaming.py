@@ -12,44 +12,9 @@ import pytest
 import torch
 
 from conftest import gpu
+from _inputs import SIZE, face, head_motion, small_model
 from dagan_fast import Animator, DaGAN
 from dagan_fast.streaming.animator import _hull_normalised
-
-SIZE = 64
-SMALL = dict(num_kp=10, kp_detector={"block_expansion": 8, "max_features": 64, "num_blocks": 3},
-             generator_params={"block_expansion": 8, "max_features": 32, "num_bottleneck_blocks": 1},
-             dense_motion_params={"block_expansion": 8, "max_features": 64, "num_blocks": 3})
-
-
-def small_model(seed: int = 0) -> DaGAN:
-    torch.manual_seed(seed)
-    model = DaGAN(**SMALL)
-    with torch.no_grad():
-        model.generator.AttnModule.gamma.fill_(0.7)
-        model.generator.final.weight.mul_(30.0)      # default init gives a flat grey output
-        model.kp_detector.jacobian.weight.normal_(0.0, 0.01)
-        model.kp_detector.jacobian.bias.add_(0.05 * torch.randn_like(model.kp_detector.jacobian.bias))
-    return model
-
-
-def face() -> np.ndarray:
-    from skimage import data
-
-    return np.ascontiguousarray(data.astronaut()[0:224, 114:338])
-
-
-def head_motion(n: int, size: int = SIZE) -> list:
-    """n frames (size, size, 3) uint8: the face rotated/translated/scaled along smooth curves."""
-    img = face()
-    h, w = img.shape[:2]
-    frames = []
-    for i in range(n):
-        t = 2 * np.pi * i / max(n, 1)
-        m = cv2.getRotationMatrix2D((w / 2 + 6 * np.sin(t), h / 2), 8 * np.sin(t), 1.0 + 0.05 * np.cos(t))
-        m[:, 2] += (8 * np.sin(2 * t), 5 * np.cos(t) - 5)
-        warped = cv2.warpAffine(img, m, (w, h), borderMode=cv2.BORDER_REFLECT)
-        frames.append(cv2.resize(warped, (size, size), interpolation=cv2.INTER_AREA))
-    return frames
 
 
 @pytest.fixture(scope="module")
@@ -271,7 +236,6 @@ def test_memory_flat_over_500_frames(model):
 
 
 @gpu
-@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_gpu_low_precision_psnr(model, clip, dtype):
     frames = [torch.from_numpy(f).permute(2, 0, 1).float() / 255 for f in clip[:6]]
@@ -283,7 +247,6 @@ def test_gpu_low_precision_psnr(model, clip, dtype):
 
 
 @gpu
-@pytest.mark.gpu
 def test_gpu_graphs_match_eager_and_cpu(model, clip):
     frames = clip[:6]
     cpu = [torch.from_numpy(o).float() for o in Animator(model, face(), size=SIZE).stream(frames)]

@@ -141,7 +141,8 @@ class ReferenceBackend(Backend):
     name = "reference"
 
     def describe(self) -> str:
-        return "pure PyTorch on any device: the spec and the fallback (differentiable, float64-capable)"
+        return ("pure PyTorch on any device: the spec and the fallback (differentiable, float64-capable; "
+                f"on CPU tensors ATen's {torch.backends.cpu.get_cpu_capability()} path)")
 
 
 class CppCpuBackend(Backend):
@@ -161,7 +162,10 @@ class CppCpuBackend(Backend):
         return None if device.type == "cpu" else f"runs on CPU tensors, got {device.type}"
 
     def describe(self) -> str:
-        return f"C++ CPU kernels from {extension().path} (torch threads: {torch.get_num_threads()})"
+        from ._cpu import cpu_capability_summary
+
+        return (f"C++ CPU kernels from {extension().path} (torch threads: {torch.get_num_threads()}; "
+                f"{cpu_capability_summary()})")
 
 
 class CudaBackend(Backend):
