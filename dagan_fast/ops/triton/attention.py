@@ -9,8 +9,6 @@ pressure does not grow with Dv. Any N, any strides, float16 / bfloat16 (GPU) / f
 """
 from __future__ import annotations
 
-import functools
-import os
 from typing import NamedTuple, Optional, Sequence, Tuple
 
 import torch
@@ -19,16 +17,13 @@ import triton.language as tl
 
 from ... import _backends
 from .. import attention as _attention_ops
+from ._support import GPU_DTYPES, acc_dtype, flag_variants, interpreting, launch_spec, poison_enabled, ptr_types, sm_count
 
 Tensor = torch.Tensor
 LOG2E = 1.4426950408889634
 # kernels may read only constexpr globals
 _LOG2E = tl.constexpr(LOG2E)
 _LN2 = tl.constexpr(0.6931471805599453)
-
-
-def _poison() -> bool:
-    return os.environ.get("DAGAN_FAST_POISON", "").strip() not in ("", "0")
 
 
 # --------------------------------------------------------------------------------------------
@@ -285,51 +280,84 @@ def _pow2(n: int) -> int:
     return max(16, triton.next_power_of_2(n))
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
+# GPU tile tables (launch_specs() compiles every tile they allow, so they are kept small). BLOCK_D: the
+# head dim Dqk padded to a power of two, 32 to GPU_MAX_HEAD_DIM (q, k and the dQ/dK accumulators are
+# held whole). BLOCK_DV: the Dv slice, 64 or 128 (fp32: 64, its tiles take twice the registers and
+# shared memory); narrower heads are masked. The forward halves BLOCK_M once when the grid would leave
+# SMs idle (the streaming case: one image, one head); the backward keeps its tiles.
+GPU_HEAD_DIMS = (32, 64, 128, 256)
+GPU_MAX_HEAD_DIM = GPU_HEAD_DIMS[-1]
 
 
-def _interpreting(t: Tensor) -> bool:
-    return t.device.type == "cpu"
+def _gpu_block_d(dqk: int) -> int:
+    return max(GPU_HEAD_DIMS[0], triton.next_power_of_2(dqk))
 
 
-def _fill_rows(block: int, rows: int, programs_per_block: int, device: torch.device, floor: int = 16) -> int:
-    """Halves ``block`` (query or key tile) while the grid would leave multiprocessors idle."""
-    sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
-    while block > floor and triton.cdiv(rows, block) * programs_per_block < sms:
-        block //= 2
+def _gpu_block_dv(dv: int, wide: bool) -> int:
+    return 64 if wide or dv <= 64 else 128
+
+
+def _gpu_block_dvs(wide: bool) -> Tuple[int, ...]:
+    return (64,) if wide else (64, 128)
+
+
+def _fill_rows(block: int, rows: int, programs_per_block: int, device: torch.device) -> int:
+    """Halves the forward's query tile once when the grid would leave multiprocessors idle."""
+    if triton.cdiv(rows, block) * programs_per_block < sm_count(device):
+        return block // 2
     return block
+
+
+def _fwd_base(block_d: int, wide: bool) -> Tuple[int, int]:
+    """(BLOCK_M before _fill_rows, BLOCK_N) of the forward kernel."""
+    return (64 if block_d <= 128 and not wide else 32), (64 if block_d <= 64 else 32)
+
+
+def _kv_base(block_d: int, wide: bool) -> int:
+    """BLOCK_N of the dK/dV kernel (before _fill_rows) and of the dQ kernel's key steps."""
+    return 64 if block_d <= 64 and not wide else 32
+
+
+def _q_base(block_d: int, wide: bool) -> int:
+    """BLOCK_M of the dQ kernel before _fill_rows: it holds q and its (BLOCK_M, BLOCK_D) accumulator."""
+    return 32 if wide or block_d > 128 else 64
+
+
+def _check_head_dim(dqk: int) -> None:
+    if _pow2(dqk) > GPU_MAX_HEAD_DIM:
+        raise ValueError(f"the triton attention kernels take Dqk <= {GPU_MAX_HEAD_DIM} on a GPU, got {dqk}; "
+                         "use backend='cuda' or 'reference'")
 
 
 def _fwd_tiles(q: Tensor, nq: int, dqk: int, dv: int, bh: int) -> _Tiles:
     block_d, dv_p = _pow2(dqk), _pow2(dv)
-    if _interpreting(q):
+    if interpreting(q):
         # one config: big tiles (interpreter cost grows with the program count), Dv still sliced
         return _Tiles(64, 64, block_d, min(dv_p, 128), 4, 1)
+    _check_head_dim(dqk)
+    block_d = _gpu_block_d(dqk)
     wide = q.element_size() > 2  # fp32/fp64 tiles take twice the registers and shared memory
-    block_dv = min(dv_p, 64 if wide else 128)
-    block_m = 64 if block_d <= 128 and not wide else 32
-    block_n = 64 if block_d <= 64 else 32
+    block_dv = _gpu_block_dv(dv, wide)
+    block_m, block_n = _fwd_base(block_d, wide)
     block_m = _fill_rows(block_m, nq, bh * triton.cdiv(dv, block_dv), q.device)
     return _Tiles(block_m, block_n, block_d, block_dv, 4, 1 if wide else 2)
 
 
 def _bwd_tiles(q: Tensor, dqk: int, dv: int) -> _Tiles:
     """Tiles of the backward kernels: block_n keys held per program in the dK/dV kernel and per step in
-    the dQ kernel; block_m the query rows per step in the dK/dV kernel (and held by the dQ kernel)."""
+    the dQ kernel; block_m the query rows per step in the dK/dV kernel (the dQ kernel picks its own)."""
     block_d, dv_p = _pow2(dqk), _pow2(dv)
-    if _interpreting(q):
+    if interpreting(q):
         return _Tiles(64, 64, block_d, min(dv_p, 128), 4, 1)
+    _check_head_dim(dqk)
+    block_d = _gpu_block_d(dqk)
     wide = q.element_size() > 2
-    block_dv = min(dv_p, 64 if wide else 128)
-    block_n = 64 if block_d <= 64 and not wide else 32
-    block_m = 32
-    return _Tiles(block_m, block_n, block_d, block_dv, 4, 1 if wide else 2)
+    return _Tiles(32, _kv_base(block_d, wide), block_d, _gpu_block_dv(dv, wide), 4, 1 if wide else 2)
 
 
-def _acc_tl(dtype: torch.dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
+def _delta_block_dv(q: Tensor, dv: int) -> int:
+    """BLOCK_DV of the delta kernel (a row sum over Dv slices): 64 or 128 on a GPU."""
+    return min(_pow2(dv), 128) if interpreting(q) else _gpu_block_dv(dv, False)
 
 
 def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -351,7 +379,7 @@ def forward_epilogue(q: Tensor, k: Tensor, v: Tensor, scale: float, residual: Op
     Nk, Dv = k.shape[2], v.shape[3]
     out = _attention_ops.epilogue_output(q, v, residual)
     lse = q.new_empty((B, H, Nq), dtype=_lse_dtype(q.dtype))
-    if _poison():
+    if poison_enabled():
         out.fill_(float("nan"))
         lse.fill_(float("nan"))
     if B * H == 0 or Nq == 0:
@@ -364,7 +392,7 @@ def forward_epilogue(q: Tensor, k: Tensor, v: Tensor, scale: float, residual: Op
         q, k, v, out, lse, res, gamma if gamma is not None else out,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *res_strides,
         H, Nq, Nk, Dqk, Dv, scale * LOG2E,
-        ACC=_acc_tl(q.dtype), BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_D=t.block_d, BLOCK_DV=t.block_dv,
+        ACC=acc_dtype(q.dtype), BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_D=t.block_d, BLOCK_DV=t.block_dv,
         HAS_RES=residual is not None, HAS_GAMMA=gamma is not None,
         num_warps=t.num_warps, num_stages=t.num_stages,
     )
@@ -386,7 +414,7 @@ def backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse
     dq = q.new_empty(q.shape) if want_q else q.new_empty((0,))
     dk = k.new_empty(k.shape) if want_k else k.new_empty((0,))
     dv = v.new_empty(v.shape) if want_v else v.new_empty((0,))
-    if _poison():
+    if poison_enabled():
         for g in (dq, dk, dv):
             g.fill_(float("nan"))
     if B * H == 0 or not (want_q or want_k or want_v):
@@ -397,7 +425,7 @@ def backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse
         return dq, dk, dv
     lse = lse.contiguous()
     t = _bwd_tiles(q, Dqk, Dv)
-    acc = _acc_tl(q.dtype)
+    acc = acc_dtype(q.dtype)
     common = dict(ACC=acc, BLOCK_D=t.block_d, BLOCK_DV=t.block_dv, num_warps=t.num_warps, num_stages=t.num_stages)
     strides = (*q.stride(), *k.stride(), *v.stride(), *grad_out.stride())
     delta = None
@@ -406,24 +434,62 @@ def backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse
         block = 64
         _attn_bwd_delta_kernel[(triton.cdiv(Nq, block), B * H)](
             out, grad_out, delta, *out.stride(), *grad_out.stride(), H, Nq, Dv,
-            ACC=acc, BLOCK_M=block, BLOCK_DV=min(_pow2(Dv), 128), num_warps=4)
+            ACC=acc, BLOCK_M=block, BLOCK_DV=_delta_block_dv(q, Dv), num_warps=4)
     if want_k or want_v:
         n_slices = triton.cdiv(Dv, t.block_dv)
         first = 0 if want_v else n_slices
         tasks = (n_slices if want_v else 0) + (1 if want_k else 0)
-        block_n = t.block_n if _interpreting(q) else _fill_rows(t.block_n, Nk, B * H * tasks, q.device)
+        block_n = t.block_n
         _attn_bwd_kv_kernel[(triton.cdiv(Nk, block_n), B * H, tasks)](
             q, k, v, grad_out, lse, delta if delta is not None else lse, dk if want_k else k,
             dv if want_v else v, *strides, H, Nq, Nk, Dqk, Dv, scale, scale * LOG2E, first, n_slices,
             BLOCK_M=t.block_m, BLOCK_N=block_n, **common)
     if want_q:
-        # the dQ kernel holds q and its (BLOCK_M, BLOCK_D) accumulator: fewer rows for wide heads
-        wide = q.element_size() > 2 or t.block_d > 128
-        block_m = 64 if _interpreting(q) else _fill_rows(32 if wide else 64, Nq, B * H, q.device)
+        block_m = 64 if interpreting(q) else _q_base(t.block_d, q.element_size() > 2)
         _attn_bwd_q_kernel[(triton.cdiv(Nq, block_m), B * H)](
             q, k, v, grad_out, lse, delta, dq, *strides, H, Nq, Nk, Dqk, Dv, scale, scale * LOG2E,
             BLOCK_M=block_m, BLOCK_N=t.block_n, **common)
     return dq, dk, dv
+
+
+def launch_specs():
+    """Every kernel configuration the attention launchers can launch on a GPU: for each GPU dtype, each
+    head-dim tile and Dv slice (and the forward's _fill_rows choice: base tile or halved), with the fused
+    epilogue on; the forward without residual / gamma once per dtype (each code path compiles)."""
+    specs = []
+    qkv = ("Q", "K", "V")
+    for dtype in GPU_DTYPES:
+        wide = dtype not in (torch.float16, torch.bfloat16)
+        stages = 1 if wide else 2
+        acc = acc_dtype(dtype)
+        lse = {"Lse": "fp32", "Delta": "fp32"}
+        for block_dv in _gpu_block_dvs(False):
+            specs.append(launch_spec(_attn_bwd_delta_kernel, dtype, ptr_types(("O", "DO", "Delta"), dtype, lse),
+                                     dict(ACC=acc, BLOCK_M=64, BLOCK_DV=block_dv), 4))
+        for block_d in GPU_HEAD_DIMS:
+            base_m, block_n = _fwd_base(block_d, wide)
+            kv_n = _kv_base(block_d, wide)
+            q_m = _q_base(block_d, wide)
+            for block_dv in _gpu_block_dvs(wide):
+                tiles = dict(BLOCK_D=block_d, BLOCK_DV=block_dv)
+                fwd_ptrs = ptr_types(qkv + ("Out", "Lse", "Res", "Gamma"), dtype, lse)
+                for block_m in (base_m, base_m // 2):
+                    flags = flag_variants(("HAS_RES", "HAS_GAMMA"))
+                    first = block_d == 32 and block_dv == _gpu_block_dvs(wide)[-1] and block_m == base_m
+                    for f in flags if first else flags[:1]:
+                        specs.append(launch_spec(_attn_fwd_kernel, dtype, fwd_ptrs,
+                                                 dict(ACC=acc, BLOCK_M=block_m, BLOCK_N=block_n, **tiles, **f),
+                                                 4, stages, floats=("qk_scale",)))
+                bwd_ptrs = ptr_types(qkv + ("DO", "Lse", "Delta", "DK", "DV_", "DQ"), dtype, lse)
+                specs.append(launch_spec(_attn_bwd_kv_kernel, dtype,
+                                         {k: v for k, v in bwd_ptrs.items() if k != "DQ"},
+                                         dict(ACC=acc, BLOCK_M=32, BLOCK_N=kv_n, **tiles), 4, stages,
+                                         floats=("scale", "qk_scale")))
+                specs.append(launch_spec(_attn_bwd_q_kernel, dtype,
+                                         {k: v for k, v in bwd_ptrs.items() if k not in ("DK", "DV_")},
+                                         dict(ACC=acc, BLOCK_M=q_m, BLOCK_N=kv_n, **tiles), 4, stages,
+                                         floats=("scale", "qk_scale")))
+    return specs
 
 
 _backends.get_backend("triton").register(_attention_ops.OP, forward, backward)
