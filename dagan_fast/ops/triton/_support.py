@@ -57,6 +57,8 @@ class LaunchSpec:
     TRITON_INTERPRET=1; the ahead-of-time compiler imports the kernels without the interpreter).
     signature: argument name -> Triton type ("*fp16", "i32", "fp32", "constexpr") for every argument.
     constexprs: values of the constexpr arguments. label: what distinguishes this spec, for reports.
+    pointer_args, aligned_args: the pointers (16-byte aligned) and integers (multiples of 16) that the
+    launch passes; Triton's runtime specializes on both, so the spec carries the same hints.
     """
 
     kernel: Any
@@ -66,6 +68,7 @@ class LaunchSpec:
     num_stages: int
     label: str = ""
     pointer_args: Tuple[str, ...] = field(default=())
+    aligned_args: Tuple[str, ...] = field(default=())
 
     @property
     def name(self) -> str:
@@ -79,11 +82,17 @@ def _describe(value: Any) -> str:
 
 
 def launch_spec(kernel, dtype: torch.dtype, pointers: Mapping[str, str], constexprs: Mapping[str, Any],
-                num_warps: int, num_stages: int = 1, floats: Iterable[str] = ()) -> LaunchSpec:
+                num_warps: int, num_stages: int = 1, floats: Iterable[str] = (), units: Iterable[str] = ()) -> LaunchSpec:
     """A ``LaunchSpec`` for ``kernel`` launched on ``dtype`` inputs: ``pointers`` maps each pointer argument to its element type
     ("fp16", ...), ``floats`` names the float scalars; every other non-constexpr argument is an i32
-    (sizes and strides; the runtime passes i64 only past 2**31, which needs no other tiles)."""
+    (sizes and strides; the runtime passes i64 only past 2**31, which needs no other tiles). ``units``
+    names the integer arguments (innermost strides) that are 1 in this launch: Triton's runtime
+    specializes an integer argument equal to 1 into the constant 1, and so does the spec. Every other
+    integer is taken as a multiple of 16 (the runtime's divisibility specialization for the aligned
+    shapes the models use: 64x64 maps, 256 channels, N = 4096): launches with other sizes run variants
+    of the same tiles with scalar loads."""
     floats = set(floats)
+    units = tuple(units)
     signature: Dict[str, str] = {}
     for name in kernel.arg_names:
         if name in constexprs:
@@ -98,8 +107,17 @@ def launch_spec(kernel, dtype: torch.dtype, pointers: Mapping[str, str], constex
     if missing:
         raise ValueError(f"{kernel.__name__} has no arguments {sorted(missing)}")
     label = TRITON_TYPE[dtype] + ":" + ",".join(f"{k}={_describe(v)}" for k, v in constexprs.items())
-    return LaunchSpec(kernel, signature, dict(constexprs), num_warps, num_stages,
-                      f"{label},warps={num_warps},stages={num_stages}", tuple(pointers))
+    if units:
+        label += ",unit=" + "/".join(units)
+    constexprs = dict(constexprs)
+    for name in units:
+        if signature.get(name) != "i32":
+            raise ValueError(f"{kernel.__name__}: {name} is not an integer argument")
+        signature[name] = "constexpr"
+        constexprs[name] = 1
+    aligned = tuple(n for n, t in signature.items() if t == "i32")
+    return LaunchSpec(kernel, signature, constexprs, num_warps, num_stages,
+                      f"{label},warps={num_warps},stages={num_stages}", tuple(pointers), aligned)
 
 
 def flag_variants(names: Tuple[str, ...], valid=lambda flags: True) -> Tuple[Dict[str, bool], ...]:

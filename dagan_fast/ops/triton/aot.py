@@ -98,7 +98,7 @@ def compile_spec(spec, arch: int) -> Dict[str, object]:
                               "threads": 32 * spec.num_warps, "shared_limit": SHARED_LIMIT[arch]}
     start = time.perf_counter()
     names = list(spec.signature)
-    aligned = {(names.index(p),): [["tt.divisibility", 16]] for p in spec.pointer_args}
+    aligned = {(names.index(p),): [["tt.divisibility", 16]] for p in (*spec.pointer_args, *spec.aligned_args)}
     options = {"num_warps": spec.num_warps, "num_stages": spec.num_stages}
     log = io.StringIO()
     knobs = getattr(triton, "knobs", None)
@@ -147,11 +147,12 @@ def _compile_index(args):
 
 
 def run(archs: Sequence[int] = (80, 90), jobs: int = 1, pattern: str = "", progress=None) -> List[Dict[str, object]]:
-    """Compiles every spec (whose kernel name matches the regex ``pattern``) for every architecture in
+    """Compiles every spec (whose "kernel-name label" matches the regex ``pattern``) for every architecture in
     ``archs`` with ``jobs`` processes; returns the rows in spec order. ``progress(row)`` is called as
     each row arrives."""
     specs = all_specs()
-    work = [(i, arch) for i, spec in enumerate(specs) if re.search(pattern, spec.name) for arch in archs]
+    work = [(i, arch) for i, spec in enumerate(specs) if re.search(pattern, f"{spec.name} {spec.label}")
+            for arch in archs]
     rows: List[Dict[str, object]] = [{} for _ in work]
     if jobs <= 1:
         results = ((n, compile_spec(specs[i], arch)) for n, (i, arch) in enumerate(work))
@@ -183,7 +184,7 @@ def main(argv: Sequence[str] = ()) -> int:
     parser.add_argument("--arch", type=int, nargs="+", default=[80, 90], help="compute capabilities (80 90)")
     parser.add_argument("--csv", help="write the rows here")
     parser.add_argument("--jobs", type=int, default=min(16, os.cpu_count() or 1), help="compile processes")
-    parser.add_argument("--kernels", default="", help="only kernels whose name matches this regex")
+    parser.add_argument("--kernels", default="", help="only specs whose 'kernel label' matches this regex")
     parser.add_argument("--verbose", action="store_true", help="print each row as it is compiled")
     args = parser.parse_args(list(argv))
     from triton.runtime.jit import JITFunction

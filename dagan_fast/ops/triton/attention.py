@@ -48,6 +48,7 @@ def _attn_fwd_kernel(
     ACC: tl.constexpr,  # accumulation dtype (fp32, fp64 for fp64 inputs)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     HAS_RES: tl.constexpr, HAS_GAMMA: tl.constexpr,
+    PREC: tl.constexpr,  # tl.dot input_precision: "tf32x3" for fp32 on a GPU, else "ieee" (see _dot_precision)
 ):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
@@ -73,7 +74,7 @@ def _attn_fwd_kernel(
         n_mask = offs_n < NK
         kt = tl.load(k_base + offs_n[None, :] * skn + offs_d[:, None] * skd,
                      mask=d_mask[:, None] & n_mask[None, :], other=0.0)
-        s = tl.dot(q, kt, input_precision="ieee").to(ACC) * qk_scale
+        s = tl.dot(q, kt, input_precision=PREC).to(ACC) * qk_scale
         s = tl.where(n_mask[None, :], s, float("-inf"))
         # every key block holds a valid key (Nk >= 1, blocks start below Nk), so m_new is finite
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -82,7 +83,7 @@ def _attn_fwd_kernel(
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(v_base + offs_n[:, None] * svn + offs_e[None, :] * svd,
                     mask=n_mask[:, None] & e_mask[None, :], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee").to(ACC)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC).to(ACC)
         m_i = m_new
 
     o = acc / l_i[:, None]
@@ -144,7 +145,7 @@ def _attn_bwd_kv_kernel(
     C0,  # first task index: tasks 0..N_SLICES-1 are dV slices, task N_SLICES is dK
     N_SLICES,  # ceil(Dv / BLOCK_DV)
     ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_DV: tl.constexpr,
+    BLOCK_DV: tl.constexpr, PREC: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     bh = tl.program_id(1)
@@ -172,12 +173,12 @@ def _attn_bwd_kv_kernel(
             qt = tl.load(q_base + offs_m[None, :] * sqn + offs_d[:, None] * sqd,
                          mask=d_mask[:, None] & m_mask[None, :], other=0.0)
             lse2 = tl.load(Lse + row_base + offs_m, mask=m_mask, other=0.0).to(ACC) * _LOG2E
-            st = tl.dot(k, qt, input_precision="ieee").to(ACC) * qk_scale
+            st = tl.dot(k, qt, input_precision=PREC).to(ACC) * qk_scale
             # padded rows and columns must not reach the sums (exp2(0 - lse) could even overflow)
             pt = tl.where(n_mask[:, None] & m_mask[None, :], tl.exp2(st - lse2[None, :]), 0.0)
             do = tl.load(g_base + offs_m[:, None] * sgn + offs_e[None, :] * sgd,
                          mask=m_mask[:, None] & e_mask[None, :], other=0.0)
-            acc_dv += tl.dot(pt.to(do.dtype), do, input_precision="ieee").to(ACC)
+            acc_dv += tl.dot(pt.to(do.dtype), do, input_precision=PREC).to(ACC)
         tl.store(DV_ + (bh.to(tl.int64) * NK + offs_n[:, None]) * DV + offs_e[None, :],
                  acc_dv.to(DV_.dtype.element_ty), mask=n_mask[:, None] & e_mask[None, :])
     else:
@@ -190,7 +191,7 @@ def _attn_bwd_kv_kernel(
                          mask=d_mask[:, None] & m_mask[None, :], other=0.0)
             lse2 = tl.load(Lse + row_base + offs_m, mask=m_mask, other=0.0).to(ACC) * _LOG2E
             delta = tl.load(Delta + row_base + offs_m, mask=m_mask, other=0.0)
-            st = tl.dot(k, qt, input_precision="ieee").to(ACC) * qk_scale
+            st = tl.dot(k, qt, input_precision=PREC).to(ACC) * qk_scale
             pt = tl.where(n_mask[:, None] & m_mask[None, :], tl.exp2(st - lse2[None, :]), 0.0)
             dpt = tl.zeros([BLOCK_N, BLOCK_M], dtype=ACC)
             for start_e in range(0, DV, BLOCK_DV):
@@ -200,9 +201,9 @@ def _attn_bwd_kv_kernel(
                             mask=n_mask[:, None] & e_mask[None, :], other=0.0)
                 dot_ = tl.load(g_base + offs_m[None, :] * sgn + offs_e[:, None] * sgd,
                                mask=e_mask[:, None] & m_mask[None, :], other=0.0)
-                dpt += tl.dot(v, dot_, input_precision="ieee").to(ACC)
+                dpt += tl.dot(v, dot_, input_precision=PREC).to(ACC)
             dst = pt * (dpt - delta[None, :])
-            acc_dk += tl.dot(dst.to(qt.dtype), tl.trans(qt), input_precision="ieee").to(ACC)
+            acc_dk += tl.dot(dst.to(qt.dtype), tl.trans(qt), input_precision=PREC).to(ACC)
         tl.store(DK + (bh.to(tl.int64) * NK + offs_n[:, None]) * DQK + offs_d[None, :],
                  (acc_dk * scale).to(DK.dtype.element_ty), mask=n_mask[:, None] & d_mask[None, :])
 
@@ -223,7 +224,7 @@ def _attn_bwd_q_kernel(
     H, NQ, NK, DQK, DV,  # sizes
     scale, qk_scale,  # scale, and scale * log2(e)
     ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_DV: tl.constexpr,
+    BLOCK_DV: tl.constexpr, PREC: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
@@ -247,7 +248,7 @@ def _attn_bwd_q_kernel(
         n_mask = offs_n < NK
         kt = tl.load(k_base + offs_n[None, :] * skn + offs_d[:, None] * skd,
                      mask=d_mask[:, None] & n_mask[None, :], other=0.0)
-        s = tl.dot(q, kt, input_precision="ieee").to(ACC) * qk_scale
+        s = tl.dot(q, kt, input_precision=PREC).to(ACC) * qk_scale
         p = tl.where(m_mask[:, None] & n_mask[None, :], tl.exp2(s - lse2[:, None]), 0.0)
         dp = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
         for start_e in range(0, DV, BLOCK_DV):
@@ -257,9 +258,9 @@ def _attn_bwd_q_kernel(
                          mask=m_mask[:, None] & e_mask[None, :], other=0.0)
             vt = tl.load(v_base + offs_n[None, :] * svn + offs_e[:, None] * svd,
                          mask=e_mask[:, None] & n_mask[None, :], other=0.0)
-            dp += tl.dot(do, vt, input_precision="ieee").to(ACC)
+            dp += tl.dot(do, vt, input_precision=PREC).to(ACC)
         ds = p * (dp - delta[:, None])
-        acc_dq += tl.dot(ds.to(kt.dtype), tl.trans(kt), input_precision="ieee").to(ACC)
+        acc_dq += tl.dot(ds.to(kt.dtype), tl.trans(kt), input_precision=PREC).to(ACC)
     tl.store(DQ + (row_base + offs_m[:, None]) * DQK + offs_d[None, :],
              (acc_dq * scale).to(DQ.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
 
@@ -323,6 +324,12 @@ def _q_base(block_d: int, wide: bool) -> int:
     return 32 if wide or block_d > 128 else 64
 
 
+def _gpu_warps(wide: bool) -> int:
+    """Warps per program: fp32 tiles (three tf32 tensor-core passes per dot) are spread over 8 warps so
+    that they fit in 255 registers per thread; fp16/bf16 take 4."""
+    return 8 if wide else 4
+
+
 def _check_head_dim(dqk: int) -> None:
     if _pow2(dqk) > GPU_MAX_HEAD_DIM:
         raise ValueError(f"the triton attention kernels take Dqk <= {GPU_MAX_HEAD_DIM} on a GPU, got {dqk}; "
@@ -340,7 +347,7 @@ def _fwd_tiles(q: Tensor, nq: int, dqk: int, dv: int, bh: int) -> _Tiles:
     block_dv = _gpu_block_dv(dv, wide)
     block_m, block_n = _fwd_base(block_d, wide)
     block_m = _fill_rows(block_m, nq, bh * triton.cdiv(dv, block_dv), q.device)
-    return _Tiles(block_m, block_n, block_d, block_dv, 4, 1 if wide else 2)
+    return _Tiles(block_m, block_n, block_d, block_dv, _gpu_warps(wide), 1 if wide else 2)
 
 
 def _bwd_tiles(q: Tensor, dqk: int, dv: int) -> _Tiles:
@@ -352,12 +359,32 @@ def _bwd_tiles(q: Tensor, dqk: int, dv: int) -> _Tiles:
     _check_head_dim(dqk)
     block_d = _gpu_block_d(dqk)
     wide = q.element_size() > 2
-    return _Tiles(32, _kv_base(block_d, wide), block_d, _gpu_block_dv(dv, wide), 4, 1 if wide else 2)
+    return _Tiles(32, _kv_base(block_d, wide), block_d, _gpu_block_dv(dv, wide), _gpu_warps(wide), 1 if wide else 2)
+
+
+def _dot_precision(q: Tensor) -> str:
+    """tl.dot's input_precision: fp32 on a GPU runs "tf32x3" (three tensor-core passes, ~fp32 accuracy:
+    relative error ~1e-6); "ieee" there is a CUDA-core FMA dot whose operand copies need more than 255
+    registers per thread at these tiles and spill. fp16/bf16 ignore it; fp64 and the interpreter take "ieee"."""
+    return "tf32x3" if q.dtype == torch.float32 and not interpreting(q) else "ieee"
+
+
+# The delta kernel's Dv step on a GPU: it only sums rows, so a narrow step costs nothing.
+_GPU_DELTA_BLOCK_DV = 64
 
 
 def _delta_block_dv(q: Tensor, dv: int) -> int:
-    """BLOCK_DV of the delta kernel (a row sum over Dv slices): 64 or 128 on a GPU."""
-    return min(_pow2(dv), 128) if interpreting(q) else _gpu_block_dv(dv, False)
+    """BLOCK_DV of the delta kernel (a row sum over Dv slices)."""
+    return min(_pow2(dv), 128) if interpreting(q) else _GPU_DELTA_BLOCK_DV
+
+
+def _unit_inner(t: Optional[Tensor]) -> Optional[Tensor]:
+    """``t`` with a unit innermost stride (copied when it has none): Triton specializes a stride of 1
+    into a constant, which vectorizes the tile loads; with a runtime inner stride every element needs
+    its own 64-bit address and the fp32 tiles spill. launch_specs() compiles the unit-stride launches."""
+    if t is None or t.shape[-1] <= 1 or t.stride(-1) == 1:
+        return t
+    return t.contiguous()
 
 
 def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -377,6 +404,8 @@ def forward_epilogue(q: Tensor, k: Tensor, v: Tensor, scale: float, residual: Op
     """
     B, H, Nq, Dqk = q.shape
     Nk, Dv = k.shape[2], v.shape[3]
+    if not interpreting(q):
+        q, k, v, residual = (_unit_inner(t) for t in (q, k, v, residual))
     out = _attention_ops.epilogue_output(q, v, residual)
     lse = q.new_empty((B, H, Nq), dtype=_lse_dtype(q.dtype))
     if poison_enabled():
@@ -386,14 +415,15 @@ def forward_epilogue(q: Tensor, k: Tensor, v: Tensor, scale: float, residual: Op
         return out, lse
     t = _fwd_tiles(q, Nq, Dqk, Dv, B * H)
     res = residual if residual is not None else out
-    res_strides = residual.stride() if residual is not None else (0, 0, 0, 0)
+    # unused without a residual; a unit last stride keeps the launch the one launch_specs() compiles
+    res_strides = residual.stride() if residual is not None else (0, 0, 0, 1)
     grid = (triton.cdiv(Nq, t.block_m), B * H, triton.cdiv(Dv, t.block_dv))
     _attn_fwd_kernel[grid](
         q, k, v, out, lse, res, gamma if gamma is not None else out,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *res_strides,
         H, Nq, Nk, Dqk, Dv, scale * LOG2E,
         ACC=acc_dtype(q.dtype), BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_D=t.block_d, BLOCK_DV=t.block_dv,
-        HAS_RES=residual is not None, HAS_GAMMA=gamma is not None,
+        HAS_RES=residual is not None, HAS_GAMMA=gamma is not None, PREC=_dot_precision(q),
         num_warps=t.num_warps, num_stages=t.num_stages,
     )
     return out, lse
@@ -424,9 +454,12 @@ def backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse
         dv.zero_()
         return dq, dk, dv
     lse = lse.contiguous()
+    if not interpreting(q):
+        q, k, v, out, grad_out = (_unit_inner(t) for t in (q, k, v, out, grad_out))
     t = _bwd_tiles(q, Dqk, Dv)
     acc = acc_dtype(q.dtype)
-    common = dict(ACC=acc, BLOCK_D=t.block_d, BLOCK_DV=t.block_dv, num_warps=t.num_warps, num_stages=t.num_stages)
+    common = dict(ACC=acc, BLOCK_D=t.block_d, BLOCK_DV=t.block_dv, PREC=_dot_precision(q), num_warps=t.num_warps,
+                  num_stages=t.num_stages)
     strides = (*q.stride(), *k.stride(), *v.stride(), *grad_out.stride())
     delta = None
     if want_q or want_k:
@@ -463,15 +496,14 @@ def launch_specs():
         stages = 1 if wide else 2
         acc = acc_dtype(dtype)
         lse = {"Lse": "fp32", "Delta": "fp32"}
-        for block_dv in _gpu_block_dvs(False):
-            specs.append(launch_spec(_attn_bwd_delta_kernel, dtype, ptr_types(("O", "DO", "Delta"), dtype, lse),
-                                     dict(ACC=acc, BLOCK_M=64, BLOCK_DV=block_dv), 4))
+        specs.append(launch_spec(_attn_bwd_delta_kernel, dtype, ptr_types(("O", "DO", "Delta"), dtype, lse),
+                                 dict(ACC=acc, BLOCK_M=64, BLOCK_DV=_GPU_DELTA_BLOCK_DV), 4, units=("sod", "sgd")))
         for block_d in GPU_HEAD_DIMS:
             base_m, block_n = _fwd_base(block_d, wide)
             kv_n = _kv_base(block_d, wide)
             q_m = _q_base(block_d, wide)
             for block_dv in _gpu_block_dvs(wide):
-                tiles = dict(BLOCK_D=block_d, BLOCK_DV=block_dv)
+                tiles = dict(BLOCK_D=block_d, BLOCK_DV=block_dv, PREC="tf32x3" if dtype == torch.float32 else "ieee")
                 fwd_ptrs = ptr_types(qkv + ("Out", "Lse", "Res", "Gamma"), dtype, lse)
                 for block_m in (base_m, base_m // 2):
                     flags = flag_variants(("HAS_RES", "HAS_GAMMA"))
@@ -479,16 +511,17 @@ def launch_specs():
                     for f in flags if first else flags[:1]:
                         specs.append(launch_spec(_attn_fwd_kernel, dtype, fwd_ptrs,
                                                  dict(ACC=acc, BLOCK_M=block_m, BLOCK_N=block_n, **tiles, **f),
-                                                 4, stages, floats=("qk_scale",)))
+                                                 _gpu_warps(wide), stages, floats=("qk_scale",),
+                                                 units=("sqd", "skd", "svd", "sod", "srd")))
                 bwd_ptrs = ptr_types(qkv + ("DO", "Lse", "Delta", "DK", "DV_", "DQ"), dtype, lse)
                 specs.append(launch_spec(_attn_bwd_kv_kernel, dtype,
                                          {k: v for k, v in bwd_ptrs.items() if k != "DQ"},
-                                         dict(ACC=acc, BLOCK_M=32, BLOCK_N=kv_n, **tiles), 4, stages,
-                                         floats=("scale", "qk_scale")))
+                                         dict(ACC=acc, BLOCK_M=32, BLOCK_N=kv_n, **tiles), _gpu_warps(wide), stages,
+                                         floats=("scale", "qk_scale"), units=("sqd", "skd", "svd", "sgd")))
                 specs.append(launch_spec(_attn_bwd_q_kernel, dtype,
                                          {k: v for k, v in bwd_ptrs.items() if k not in ("DK", "DV_")},
-                                         dict(ACC=acc, BLOCK_M=q_m, BLOCK_N=kv_n, **tiles), 4, stages,
-                                         floats=("scale", "qk_scale")))
+                                         dict(ACC=acc, BLOCK_M=q_m, BLOCK_N=kv_n, **tiles), _gpu_warps(wide), stages,
+                                         floats=("scale", "qk_scale"), units=("sqd", "skd", "svd", "sgd")))
     return specs
 
 

@@ -547,16 +547,17 @@ def dense_backward(grad_deformation: Tensor, grad_mask: Tensor, mask_logits: Ten
 def launch_specs():
     """Every kernel configuration the motion launchers can launch on a GPU: each block of GPU_BLOCKS in
     each GPU dtype with every gradient asked for, and the other flag sets once per kernel (256 pixels,
-    float32) so that each code path compiles. CLAMP follows the dtype, as in the launchers."""
+    float32) so that each code path compiles. CLAMP follows the dtype, as in the launchers; innermost
+    strides are 1 (contiguous inputs; other strides are runtime values of the same kernels)."""
     specs = []
     compute = {"prm_ptr": "fp32", "gsrc_ptr": "fp32", "part_ptr": "fp32"}
     kernels = (
-        (_sparse_fwd_kernel, (), ()),
-        (_sparse_bwd_kernel, ("NEED_SRC", "NEED_KP"), ()),
-        (_dense_fwd_kernel, (), ("out_max",)),
-        (_dense_bwd_kernel, ("NEED_LOGITS", "NEED_KP"), ("out_max",)),
+        (_sparse_fwd_kernel, (), (), ("s_sw",)),
+        (_sparse_bwd_kernel, ("NEED_SRC", "NEED_KP"), (), ("g_sw", "s_sw")),
+        (_dense_fwd_kernel, (), ("out_max",), ("l_sw",)),
+        (_dense_bwd_kernel, ("NEED_LOGITS", "NEED_KP"), ("out_max",), ("d_s2", "m_sw", "l_sw")),
     )
-    for kernel, flag_names, floats in kernels:
+    for kernel, flag_names, floats, units in kernels:
         pointers = [n for n in kernel.arg_names if n.endswith("_ptr")]
         variants = flag_variants(flag_names, lambda f: any(f.values()) or not f)
         for dtype in GPU_DTYPES:
@@ -566,7 +567,7 @@ def launch_specs():
                     if "CLAMP" in kernel.arg_names:
                         constexprs["CLAMP"] = _low_precision(dtype)
                     specs.append(launch_spec(kernel, dtype, ptr_types(pointers, dtype, compute), constexprs,
-                                             _warps(block), floats=floats))
+                                             _warps(block), floats=floats, units=units))
     return specs
 
 

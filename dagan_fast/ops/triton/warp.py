@@ -361,23 +361,28 @@ def _bwd_flags_valid(f) -> bool:
 def launch_specs():
     """Every kernel configuration warp_forward / warp_backward can launch on a GPU: each tile of
     GPU_TILES in each GPU dtype with every feature on (the most registers), and every other flag set
-    once, at the largest tile in float32 (each code path compiles)."""
+    once, at the first tile in float32 (each code path compiles). Strides are those of the layout each
+    tile serves (see below); other strides are runtime values of the same kernels."""
     specs = []
     kernels = (
-        (_warp_fwd_kernel, ("HAS_OCC",), lambda f: True, {}),
+        (_warp_fwd_kernel, ("HAS_OCC",), lambda f: True, {}, ("sgk", "sow"), {}),
         (_warp_bwd_kernel, ("HAS_OCC", "NEED_INPUT", "NEED_GRID", "NEED_OCC", "NEED_TAPS"), _bwd_flags_valid,
-         {"gi_ptr": "fp32"}),
+         {"gi_ptr": "fp32"}, ("sgk", "sow"), {"sxw": "sgow", "sxc": "sgoc"}),
     )
-    for kernel, flag_names, valid, overrides in kernels:
+    for kernel, flag_names, valid, overrides, units, grad_unit in kernels:
         pointers = [n for n in kernel.arg_names if n.endswith("_ptr")]
         variants = flag_variants(flag_names, valid)
         for dtype in GPU_DTYPES:
             for block_p, block_c, warps in GPU_TILES:
                 for flags in variants if (dtype, block_p, block_c) == (torch.float32, *GPU_TILES[0][:2]) \
                         else variants[:1]:
+                    # the layouts each tile serves: channels_last (unit channel stride) for 32 channels
+                    # per step, planar (unit width stride) otherwise; grid and occlusion contiguous
+                    inner = "sxc" if block_c == 32 else "sxw"
+                    unit = (inner, *units) + ((grad_unit[inner],) if inner in grad_unit else ())
                     specs.append(launch_spec(kernel, dtype, ptr_types(pointers, dtype, overrides),
                                              dict(flags, ACC=acc_dtype(dtype), BLOCK_P=block_p, BLOCK_C=block_c),
-                                             warps))
+                                             warps, units=unit))
     return specs
 
 
