@@ -104,9 +104,9 @@ def test_launcher_tile_choices_are_in_the_specs(monkeypatch):
     from dagan_fast.ops.triton import attention, motion, warp
 
     monkeypatch.setattr(attention, "sm_count", lambda device: 132)
-    monkeypatch.setattr(warp, "sm_count", lambda device: 132)
-    for mod in (attention, warp):
-        monkeypatch.setattr(mod, "interpreting", lambda t: False)
+    monkeypatch.setattr(attention, "interpreting", lambda t: False)
+    monkeypatch.setattr(warp, "_target_programs", lambda device: 4 * 132)
+    monkeypatch.setattr(warp, "_interpreting", lambda t: False)
     warp_tiles = {(s.constexprs["BLOCK_P"], s.constexprs["BLOCK_C"], s.num_warps) for s in warp.launch_specs()}
     for B, C, H, W, cl in [(1, 3, 7, 5, False), (1, 256, 64, 64, False), (8, 64, 64, 64, True), (2, 4, 256, 256, True),
                            (1, 17, 1, 1, True), (32, 512, 16, 16, False)]:
@@ -123,6 +123,10 @@ def test_launcher_tile_choices_are_in_the_specs(monkeypatch):
         for nq, dqk, dv, bh in [(4096, 32, 256, 1), (77, 16, 48, 1), (1000, 64, 64, 2), (64, 256, 512, 8),
                                 (5, 100, 3, 1), (8192, 128, 128, 16)]:
             q = torch.empty(1, 1, nq, dqk, device="meta", dtype=dtype)
+            if dtype == torch.float32 and dqk > 128:  # no fp32 tile holds it: refused, not launched
+                with pytest.raises(ValueError, match="Dqk <= 128"):
+                    attention._fwd_tiles(q, nq, dqk, dv, bh)
+                continue
             t = attention._fwd_tiles(q, nq, dqk, dv, bh)
             key = tuple(sorted([("BLOCK_D", str(t.block_d)), ("BLOCK_DV", str(t.block_dv)),
                                 ("BLOCK_M", str(t.block_m)), ("BLOCK_N", str(t.block_n))]))

@@ -17,7 +17,8 @@ import triton.language as tl
 
 from ... import _backends
 from .. import attention as _attention_ops
-from ._support import GPU_DTYPES, acc_dtype, flag_variants, interpreting, launch_spec, poison_enabled, ptr_types, sm_count
+from ._support import (GPU_DTYPES, acc_dtype, flag_variants, interpreting, launch_spec, poison_enabled, ptr_types,
+                       sm_count)
 
 Tensor = torch.Tensor
 LOG2E = 1.4426950408889634
@@ -282,12 +283,16 @@ def _pow2(n: int) -> int:
 
 
 # GPU tile tables (launch_specs() compiles every tile they allow, so they are kept small). BLOCK_D: the
-# head dim Dqk padded to a power of two, 32 to GPU_MAX_HEAD_DIM (q, k and the dQ/dK accumulators are
+# head dim Dqk padded to a power of two, 32 to 256 (q, k and the dQ/dK accumulators are
 # held whole). BLOCK_DV: the Dv slice, 64 or 128 (fp32: 64, its tiles take twice the registers and
 # shared memory); narrower heads are masked. The forward halves BLOCK_M once when the grid would leave
 # SMs idle (the streaming case: one image, one head); the backward keeps its tiles.
+# fp32 (three tf32 passes per dot) stops at 128: its 256-wide backward tiles spill even at 16 rows.
 GPU_HEAD_DIMS = (32, 64, 128, 256)
-GPU_MAX_HEAD_DIM = GPU_HEAD_DIMS[-1]
+
+
+def _gpu_head_dims(wide: bool) -> Tuple[int, ...]:
+    return GPU_HEAD_DIMS[:-1] if wide else GPU_HEAD_DIMS
 
 
 def _gpu_block_d(dqk: int) -> int:
@@ -300,6 +305,15 @@ def _gpu_block_dv(dv: int, wide: bool) -> int:
 
 def _gpu_block_dvs(wide: bool) -> Tuple[int, ...]:
     return (64,) if wide else (64, 128)
+
+
+def _gpu_bwd_block_dv(dv: int, wide: bool, block_d: int) -> int:
+    """The backward's Dv step: as the forward's, but 64 for 256-wide heads (registers)."""
+    return 64 if block_d > 128 else _gpu_block_dv(dv, wide)
+
+
+def _gpu_bwd_block_dvs(wide: bool, block_d: int) -> Tuple[int, ...]:
+    return (64,) if block_d > 128 else _gpu_block_dvs(wide)
 
 
 def _fill_rows(block: int, rows: int, programs_per_block: int, device: torch.device) -> int:
@@ -315,24 +329,34 @@ def _fwd_base(block_d: int, wide: bool) -> Tuple[int, int]:
 
 
 def _kv_base(block_d: int, wide: bool) -> int:
-    """BLOCK_N of the dK/dV kernel (before _fill_rows) and of the dQ kernel's key steps."""
-    return 64 if block_d <= 64 and not wide else 32
+    """BLOCK_N of the dK/dV kernel and of the dQ kernel's key steps (fp32 256-wide heads: 16)."""
+    if wide:
+        return 16 if block_d > 128 else 32
+    return 64 if block_d <= 64 else 32
 
 
 def _q_base(block_d: int, wide: bool) -> int:
-    """BLOCK_M of the dQ kernel before _fill_rows: it holds q and its (BLOCK_M, BLOCK_D) accumulator."""
-    return 32 if wide or block_d > 128 else 64
+    """BLOCK_M of the dQ kernel: it holds q and its (BLOCK_M, BLOCK_D) accumulator (fp32: 16 rows)."""
+    return 16 if wide else (32 if block_d > 128 else 64)
 
 
-def _gpu_warps(wide: bool) -> int:
-    """Warps per program: fp32 tiles (three tf32 tensor-core passes per dot) are spread over 8 warps so
-    that they fit in 255 registers per thread; fp16/bf16 take 4."""
-    return 8 if wide else 4
+def _kv_step(wide: bool) -> int:
+    """Query rows per step of the dK/dV kernel (fp32: 16, its tf32x3 dots triple the operand tiles)."""
+    return 16 if wide else 32
 
 
-def _check_head_dim(dqk: int) -> None:
-    if _pow2(dqk) > GPU_MAX_HEAD_DIM:
-        raise ValueError(f"the triton attention kernels take Dqk <= {GPU_MAX_HEAD_DIM} on a GPU, got {dqk}; "
+def _gpu_warps(wide: bool, block_d: int) -> int:
+    """Warps per program: fp32 tiles (three tf32 tensor-core passes per dot) and 256-wide heads (the
+    backward holds (BLOCK_N, 256) k and accumulator tiles) are spread over 8 warps so that they fit in
+    255 registers per thread; the others take 4."""
+    return 8 if wide or block_d > 128 else 4
+
+
+def _check_head_dim(q: Tensor, dqk: int) -> None:
+    """Raises for head dims beyond the GPU tile table of q's dtype (no compiled tile holds them)."""
+    limit = _gpu_head_dims(q.element_size() > 2)[-1]
+    if _pow2(dqk) > limit:
+        raise ValueError(f"the triton attention kernels take Dqk <= {limit} for {q.dtype} on a GPU, got {dqk}; "
                          "use backend='cuda' or 'reference'")
 
 
@@ -341,13 +365,13 @@ def _fwd_tiles(q: Tensor, nq: int, dqk: int, dv: int, bh: int) -> _Tiles:
     if interpreting(q):
         # one config: big tiles (interpreter cost grows with the program count), Dv still sliced
         return _Tiles(64, 64, block_d, min(dv_p, 128), 4, 1)
-    _check_head_dim(dqk)
+    _check_head_dim(q, dqk)
     block_d = _gpu_block_d(dqk)
     wide = q.element_size() > 2  # fp32/fp64 tiles take twice the registers and shared memory
     block_dv = _gpu_block_dv(dv, wide)
     block_m, block_n = _fwd_base(block_d, wide)
     block_m = _fill_rows(block_m, nq, bh * triton.cdiv(dv, block_dv), q.device)
-    return _Tiles(block_m, block_n, block_d, block_dv, _gpu_warps(wide), 1 if wide else 2)
+    return _Tiles(block_m, block_n, block_d, block_dv, _gpu_warps(wide, block_d), 1 if wide else 2)
 
 
 def _bwd_tiles(q: Tensor, dqk: int, dv: int) -> _Tiles:
@@ -356,10 +380,11 @@ def _bwd_tiles(q: Tensor, dqk: int, dv: int) -> _Tiles:
     block_d, dv_p = _pow2(dqk), _pow2(dv)
     if interpreting(q):
         return _Tiles(64, 64, block_d, min(dv_p, 128), 4, 1)
-    _check_head_dim(dqk)
+    _check_head_dim(q, dqk)
     block_d = _gpu_block_d(dqk)
     wide = q.element_size() > 2
-    return _Tiles(32, _kv_base(block_d, wide), block_d, _gpu_block_dv(dv, wide), _gpu_warps(wide), 1 if wide else 2)
+    return _Tiles(_kv_step(wide), _kv_base(block_d, wide), block_d, _gpu_bwd_block_dv(dv, wide, block_d),
+                  _gpu_warps(wide, block_d), 1 if wide else 2)
 
 
 def _dot_precision(q: Tensor) -> str:
@@ -498,29 +523,32 @@ def launch_specs():
         lse = {"Lse": "fp32", "Delta": "fp32"}
         specs.append(launch_spec(_attn_bwd_delta_kernel, dtype, ptr_types(("O", "DO", "Delta"), dtype, lse),
                                  dict(ACC=acc, BLOCK_M=64, BLOCK_DV=_GPU_DELTA_BLOCK_DV), 4, units=("sod", "sgd")))
-        for block_d in GPU_HEAD_DIMS:
+        for block_d in _gpu_head_dims(wide):
             base_m, block_n = _fwd_base(block_d, wide)
             kv_n = _kv_base(block_d, wide)
             q_m = _q_base(block_d, wide)
-            for block_dv in _gpu_block_dvs(wide):
+            warps = _gpu_warps(wide, block_d)
+            for block_dv in sorted(set(_gpu_block_dvs(wide)) | set(_gpu_bwd_block_dvs(wide, block_d))):
                 tiles = dict(BLOCK_D=block_d, BLOCK_DV=block_dv, PREC="tf32x3" if dtype == torch.float32 else "ieee")
                 fwd_ptrs = ptr_types(qkv + ("Out", "Lse", "Res", "Gamma"), dtype, lse)
-                for block_m in (base_m, base_m // 2):
+                for block_m in (base_m, base_m // 2) if block_dv in _gpu_block_dvs(wide) else ():
                     flags = flag_variants(("HAS_RES", "HAS_GAMMA"))
                     first = block_d == 32 and block_dv == _gpu_block_dvs(wide)[-1] and block_m == base_m
                     for f in flags if first else flags[:1]:
                         specs.append(launch_spec(_attn_fwd_kernel, dtype, fwd_ptrs,
                                                  dict(ACC=acc, BLOCK_M=block_m, BLOCK_N=block_n, **tiles, **f),
-                                                 _gpu_warps(wide), stages, floats=("qk_scale",),
+                                                 warps, stages, floats=("qk_scale",),
                                                  units=("sqd", "skd", "svd", "sod", "srd")))
                 bwd_ptrs = ptr_types(qkv + ("DO", "Lse", "Delta", "DK", "DV_", "DQ"), dtype, lse)
+                if block_dv not in _gpu_bwd_block_dvs(wide, block_d):
+                    continue
                 specs.append(launch_spec(_attn_bwd_kv_kernel, dtype,
                                          {k: v for k, v in bwd_ptrs.items() if k != "DQ"},
-                                         dict(ACC=acc, BLOCK_M=32, BLOCK_N=kv_n, **tiles), _gpu_warps(wide), stages,
+                                         dict(ACC=acc, BLOCK_M=_kv_step(wide), BLOCK_N=kv_n, **tiles), warps, stages,
                                          floats=("scale", "qk_scale"), units=("sqd", "skd", "svd", "sgd")))
                 specs.append(launch_spec(_attn_bwd_q_kernel, dtype,
                                          {k: v for k, v in bwd_ptrs.items() if k not in ("DK", "DV_")},
-                                         dict(ACC=acc, BLOCK_M=q_m, BLOCK_N=kv_n, **tiles), _gpu_warps(wide), stages,
+                                         dict(ACC=acc, BLOCK_M=q_m, BLOCK_N=kv_n, **tiles), warps, stages,
                                          floats=("scale", "qk_scale"), units=("sqd", "skd", "svd", "sgd")))
     return specs
 

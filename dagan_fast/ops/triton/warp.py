@@ -250,13 +250,23 @@ def _gpu_warps(block_p: int, block_c: int) -> int:
 GPU_TILES = tuple((p, c, _gpu_warps(p, c)) for c in _GPU_BLOCK_C for p in _GPU_BLOCK_P[c])
 
 
+def _interpreting(t: Tensor) -> bool:
+    """Whether the plan is the interpreter's (CPU tensors); tests patch it to run the GPU plan."""
+    return interpreting(t)
+
+
+def _target_programs(device: torch.device) -> int:
+    """Programs that keep every SM of ``device`` busy (a few per SM hide the gather latency)."""
+    return 4 * sm_count(device)
+
+
 class _Plan:
     """Block sizes and program grid for one call: (tiles of BLOCK_P pixels, B, channel groups)."""
 
     def __init__(self, input: Tensor, grid: Tensor, *, split_channels: bool):
         B, C = input.shape[:2]
         HWo = grid.shape[1] * grid.shape[2]
-        if interpreting(input):
+        if _interpreting(input):
             # The interpreter pays per program: few, large programs.
             self.block_p = min(triton.next_power_of_2(HWo), 1024)
             self.block_c = min(triton.next_power_of_2(max(C, 1)), max(1, 8192 // self.block_p))
@@ -266,7 +276,7 @@ class _Plan:
             self.block_c = 32 if input.stride(1) == 1 and C > 8 else (8 if C > 4 else 4)
             choices = _GPU_BLOCK_P[self.block_c]
             self.block_p = choices[0]
-            target = 4 * sm_count(input.device)  # a few programs per SM hide the gather latency
+            target = _target_programs(input.device)
             if not split_channels:
                 # One program sums all channels of a pixel: get parallelism from smaller pixel tiles.
                 for smaller in choices[1:]:
