@@ -307,13 +307,10 @@ def _gpu_block_dvs(wide: bool) -> Tuple[int, ...]:
     return (64,) if wide else (64, 128)
 
 
-def _gpu_bwd_block_dv(dv: int, wide: bool, block_d: int) -> int:
-    """The backward's Dv step: as the forward's, but 64 for 256-wide heads (registers)."""
-    return 64 if block_d > 128 else _gpu_block_dv(dv, wide)
+# The backward's Dv step (dV slices, and the Dv loops of dK and dQ): 64 (with 128 the dQ kernel's
+# (64, Dv) dO tile next to its q, dQ and dP tiles spills on sm_80).
+_GPU_BWD_BLOCK_DV = 64
 
-
-def _gpu_bwd_block_dvs(wide: bool, block_d: int) -> Tuple[int, ...]:
-    return (64,) if block_d > 128 else _gpu_block_dvs(wide)
 
 
 def _fill_rows(block: int, rows: int, programs_per_block: int, device: torch.device) -> int:
@@ -383,7 +380,7 @@ def _bwd_tiles(q: Tensor, dqk: int, dv: int) -> _Tiles:
     _check_head_dim(q, dqk)
     block_d = _gpu_block_d(dqk)
     wide = q.element_size() > 2
-    return _Tiles(_kv_step(wide), _kv_base(block_d, wide), block_d, _gpu_bwd_block_dv(dv, wide, block_d),
+    return _Tiles(_kv_step(wide), _kv_base(block_d, wide), block_d, _GPU_BWD_BLOCK_DV,
                   _gpu_warps(wide, block_d), 1 if wide else 2)
 
 
@@ -528,7 +525,7 @@ def launch_specs():
             kv_n = _kv_base(block_d, wide)
             q_m = _q_base(block_d, wide)
             warps = _gpu_warps(wide, block_d)
-            for block_dv in sorted(set(_gpu_block_dvs(wide)) | set(_gpu_bwd_block_dvs(wide, block_d))):
+            for block_dv in sorted(set(_gpu_block_dvs(wide)) | {_GPU_BWD_BLOCK_DV}):
                 tiles = dict(BLOCK_D=block_d, BLOCK_DV=block_dv, PREC="tf32x3" if dtype == torch.float32 else "ieee")
                 fwd_ptrs = ptr_types(qkv + ("Out", "Lse", "Res", "Gamma"), dtype, lse)
                 for block_m in (base_m, base_m // 2) if block_dv in _gpu_block_dvs(wide) else ():
@@ -540,7 +537,7 @@ def launch_specs():
                                                  warps, stages, floats=("qk_scale",),
                                                  units=("sqd", "skd", "svd", "sod", "srd")))
                 bwd_ptrs = ptr_types(qkv + ("DO", "Lse", "Delta", "DK", "DV_", "DQ"), dtype, lse)
-                if block_dv not in _gpu_bwd_block_dvs(wide, block_d):
+                if block_dv != _GPU_BWD_BLOCK_DV:
                     continue
                 specs.append(launch_spec(_attn_bwd_kv_kernel, dtype,
                                          {k: v for k, v in bwd_ptrs.items() if k != "DQ"},

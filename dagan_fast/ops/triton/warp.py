@@ -247,6 +247,12 @@ def _gpu_warps(block_p: int, block_c: int) -> int:
     return 4 if block_p * block_c >= 512 else 2
 
 
+def _gpu_bwd_warps(block_p: int, block_c: int) -> int:
+    """The backward keeps four taps' offsets, weights and values per element: 1024-element tiles take 8
+    warps (with 4, fp16/bf16 need more than 255 registers per thread and spill)."""
+    return 8 if block_p * block_c >= 1024 else _gpu_warps(block_p, block_c)
+
+
 GPU_TILES = tuple((p, c, _gpu_warps(p, c)) for c in _GPU_BLOCK_C for p in _GPU_BLOCK_P[c])
 
 
@@ -263,7 +269,7 @@ def _target_programs(device: torch.device) -> int:
 class _Plan:
     """Block sizes and program grid for one call: (tiles of BLOCK_P pixels, B, channel groups)."""
 
-    def __init__(self, input: Tensor, grid: Tensor, *, split_channels: bool):
+    def __init__(self, input: Tensor, grid: Tensor, *, split_channels: bool, backward: bool = False):
         B, C = input.shape[:2]
         HWo = grid.shape[1] * grid.shape[2]
         if _interpreting(input):
@@ -287,7 +293,7 @@ class _Plan:
             else:
                 chunks = triton.cdiv(C, self.block_c)
                 groups = min(chunks, max(1, triton.cdiv(target, B * triton.cdiv(HWo, self.block_p))))
-            self.num_warps = _gpu_warps(self.block_p, self.block_c)
+            self.num_warps = (_gpu_bwd_warps if backward else _gpu_warps)(self.block_p, self.block_c)
         chunks = triton.cdiv(C, self.block_c)
         self.c_per_prog = triton.cdiv(chunks, groups) * self.block_c
         self.grid = (triton.cdiv(HWo, self.block_p), B, triton.cdiv(C, self.c_per_prog))
@@ -343,7 +349,7 @@ def warp_backward(grad_output: Tensor, input: Tensor, grid: Tensor, occlusion: O
         grad_occ.zero_()
     elif want_input or want_grid or want_occ:
         need_taps = want_grid or want_occ
-        plan = _Plan(input, grid, split_channels=not need_taps)
+        plan = _Plan(input, grid, split_channels=not need_taps, backward=True)
         _warp_bwd_kernel[plan.grid](
             grad_output, input, grid, occlusion if occlusion is not None else grid,
             gi_acc if want_input else grid, grad_grid if want_grid else grid, grad_occ if want_occ else grid,
@@ -390,6 +396,8 @@ def launch_specs():
                     # per step, planar (unit width stride) otherwise; grid and occlusion contiguous
                     inner = "sxc" if block_c == 32 else "sxw"
                     unit = (inner, *units) + ((grad_unit[inner],) if inner in grad_unit else ())
+                    if kernel is _warp_bwd_kernel:
+                        warps = _gpu_bwd_warps(block_p, block_c)
                     specs.append(launch_spec(kernel, dtype, ptr_types(pointers, dtype, overrides),
                                              dict(flags, ACC=acc_dtype(dtype), BLOCK_P=block_p, BLOCK_C=block_c),
                                              warps, units=unit))
