@@ -3,9 +3,12 @@ fp32 accumulation, logsumexp out, optional ``gamma * out + residual`` epilogue) 
 recomputes the probabilities from the logsumexp (delta pass, then one kernel over key blocks for dK
 and dV, one over query blocks for dQ; no atomics, so results are bitwise reproducible).
 
-Head dims are padded to powers of two (>= 16, the smallest ``tl.dot`` tile) with masks; Dv is
-processed in ``BLOCK_DV`` slices (one program per slice in the forward and for dV), so register
-pressure does not grow with Dv. Any N, any strides, float16 / bfloat16 (GPU) / float32 / float64.
+Head dims are padded to powers of two (>= 16, the smallest ``tl.dot`` tile; >= 32 on a GPU) with masks;
+Dv is processed in ``BLOCK_DV`` slices (one program per slice in the forward and for dV), so register
+pressure does not grow with Dv. Any N, any strides (on a GPU q, k, v with a non-unit innermost stride
+are copied first), float16 / bfloat16 (GPU) / float32 / float64. On a GPU the tiles come from the tables below
+(``launch_specs()`` lists every launch; tests/test_gpu_compile.py compiles them for sm_80/sm_90): Dqk
+up to 256 (fp32: 128), fp32 dots in "tf32x3".
 """
 from __future__ import annotations
 
@@ -427,7 +430,9 @@ def forward_epilogue(q: Tensor, k: Tensor, v: Tensor, scale: float, residual: Op
     B, H, Nq, Dqk = q.shape
     Nk, Dv = k.shape[2], v.shape[3]
     if not interpreting(q):
-        q, k, v, residual = (_unit_inner(t) for t in (q, k, v, residual))
+        # the residual (and so the output, laid out like it) keeps its layout: DaGAN's is an NCHW map seen
+        # as (B,1,N,C) tokens, unit stride along N; launch_specs() compiles both unit-stride layouts
+        q, k, v = (_unit_inner(t) for t in (q, k, v))
     out = _attention_ops.epilogue_output(q, v, residual)
     lse = q.new_empty((B, H, Nq), dtype=_lse_dtype(q.dtype))
     if poison_enabled():
@@ -532,10 +537,13 @@ def launch_specs():
                     flags = flag_variants(("HAS_RES", "HAS_GAMMA"))
                     first = block_d == 32 and block_dv == _gpu_block_dvs(wide)[-1] and block_m == base_m
                     for f in flags if first else flags[:1]:
-                        specs.append(launch_spec(_attn_fwd_kernel, dtype, fwd_ptrs,
-                                                 dict(ACC=acc, BLOCK_M=block_m, BLOCK_N=block_n, **tiles, **f),
-                                                 warps, stages, floats=("qk_scale",),
-                                                 units=("sqd", "skd", "svd", "sod", "srd")))
+                        # output and residual with unit feature stride, and (with a residual) the NCHW
+                        # token view's layout: unit stride along the rows
+                        for out_units in (("sod", "srd"), ("son", "srn")) if f["HAS_RES"] else (("sod", "srd"),):
+                            specs.append(launch_spec(_attn_fwd_kernel, dtype, fwd_ptrs,
+                                                     dict(ACC=acc, BLOCK_M=block_m, BLOCK_N=block_n, **tiles, **f),
+                                                     warps, stages, floats=("qk_scale",),
+                                                     units=("sqd", "skd", "svd", *out_units)))
                 bwd_ptrs = ptr_types(qkv + ("DO", "Lse", "Delta", "DK", "DV_", "DQ"), dtype, lse)
                 if block_dv != _GPU_BWD_BLOCK_DV:
                     continue
