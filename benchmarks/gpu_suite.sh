@@ -15,12 +15,13 @@
 # part          limit  expected on an H100/H200 (16 cores)
 # device          30 s    3 s  nvidia-smi, versions
 # build          240 s   40 s  CMake, sm_90 only, MAX_JOBS=16. Measured on the 2-core CPU machine (idle):
-#                              87 s wall from scratch for sm_80/86/89/90 with 2 jobs (12 compile jobs; the
-#                              three .cu files are the longest, each ~4 archs x ~8 s); sm_90 alone on 16
-#                              cores is bounded by the longest single file, warp_occlusion.cu with CUB
+#                              87 s wall (79 s CPU) from scratch for sm_80/86/89/90 with 2 jobs (12 compile
+#                              jobs; the three .cu files are the longest); sm_90 alone on 16 cores is bounded
+#                              by the longest single file, warp_occlusion.cu with CUB's radix sort
 # triton-aot     120 s   40 s  every launcher configuration compiled for sm_80/sm_90 by triton 3.6
-#                              (352 compiles, 16 processes); CSV gpu-compile-triton<version>.csv. Measured
-#                              here: ~0.3 s (warp, motion) to ~3 s (attention) of one core per compile
+#                              (410 compiles, 16 processes); CSV gpu-compile-triton<version>.csv. Measured
+#                              on the CPU machine: 244 s of CPU for all of them (triton 3.9), i.e. ~0.6 s
+#                              a compile on average (warp/motion ~0.2 s, attention up to ~3 s)
 # gpu-tests      240 s  150 s  pytest -m gpu: every GPU backend against the reference in fp32/fp16/bf16
 #                              (Triton JIT-compiles each configuration it meets, ~100 sequential compiles:
 #                              most of the time; the aligned ones come from triton-aot's cache)
