@@ -14,10 +14,10 @@
 #
 # part          limit  expected on an H100/H200 (16 cores)
 # device          30 s    3 s  nvidia-smi, versions
-# build          240 s   40 s  CMake, sm_90 only, MAX_JOBS=16. Measured on the 2-core CPU machine (idle):
-#                              87 s wall (79 s CPU) from scratch for sm_80/86/89/90 with 2 jobs (12 compile
-#                              jobs; the three .cu files are the longest); sm_90 alone on 16 cores is bounded
-#                              by the longest single file, warp_occlusion.cu with CUB's radix sort
+# build          240 s   30 s  CMake, sm_90 only, MAX_JOBS=16. Measured on the 2-core CPU machine: from
+#                              scratch 87 s wall / 79 s CPU for sm_80/86/89/90 (idle), 77 s CPU for sm_90
+#                              alone (12 compile jobs; the longest, ops_attention.cpp / ops_motion.cpp, 46 s
+#                              wall at load 8, ~12 s idle): on 16 cores the longest single job bounds it
 # triton-aot     120 s   40 s  every launcher configuration compiled for sm_80/sm_90 by triton 3.6
 #                              (410 compiles, 16 processes); CSV gpu-compile-triton<version>.csv. Measured
 #                              on the CPU machine: 244 s of CPU for all of them (triton 3.9), i.e. ~0.6 s
@@ -27,7 +27,7 @@
 #                              most of the time; the aligned ones come from triton-aot's cache)
 # kernels        150 s   60 s  benchmarks/kernels.py all --device cuda (CUDA events, median)
 # latency-*      100 s   30 s  each of dagan/daganpp x fp16/bf16 at 256 (100 timed frames per path)
-# total                 ~415 s
+# total                 ~405 s
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT="$(pwd)"
