@@ -43,6 +43,12 @@ template <> __device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16, flo
   return __float2bfloat16_rn(v);
 }
 
+// 1 / x correctly rounded: the value softmax_inv_sum computes (IEEE division of 1 by x), through the
+// reciprocal intrinsics, so that ptxas does not call the division slow-path subroutine (the call
+// saves registers to a stack frame: spills).
+__device__ __forceinline__ float reciprocal(float x) { return __frcp_rn(x); }
+__device__ __forceinline__ double reciprocal(double x) { return __drcp_rn(x); }
+
 // ------------------------------------------------------------------ tensor-core kernel
 constexpr int kWarps = 4;
 constexpr int kThreads = 32 * kWarps;
@@ -71,8 +77,12 @@ struct WmmaTile {
   static_assert((kHalfElems * 2) % 128 == 0, "the float regions must stay 128-byte aligned");
 };
 
+// occupancy plan: 128 threads/block, 2 blocks/SM, <= 128 registers/thread (shared memory, up to 87 KiB a
+// block by WmmaTile<DQK>::kSmemBytes, holds sm_90 to 2 blocks/SM). The launch bounds cap registers at
+// 128 (4 blocks' worth, so registers never limit it): without a minimum ptxas picked ~72 registers and
+// spilled on sm_80 for Dqk 128.
 template <typename T, int DQK>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, 4)
     attention_fwd_wmma_kernel(const T* __restrict__ q,  // pointer, (BH, Nq, DQK)
                               const T* __restrict__ k,  // pointer, (BH, Nk, DQK)
                               const T* __restrict__ v,  // pointer, (BH, Nk, Dv)
@@ -176,7 +186,7 @@ __global__ void __launch_bounds__(kThreads)
 
   // Each warp writes its 16 rows, 32 consecutive columns per step (coalesced); a row's 1/l comes
   // from the lane pair that owns it.
-  const float inv = softmax_inv_sum(state);
+  const float inv = reciprocal(state.sum);  // = softmax_inv_sum(state)
   for (int idx = lane; idx < 16 * kDvTile; idx += 32) {
     const int r = idx / kDvTile, c = idx % kDvTile;
     const float row_inv = __shfl_sync(0xffffffffu, inv, 2 * r);
@@ -222,6 +232,7 @@ cudaError_t launch_wmma_dispatch(const AttentionDims& d, const void* q, const vo
 }
 
 // ------------------------------------------------------------------ SIMT kernel
+
 constexpr int kSimtThreads = 128;  // also the keys per block: one key per thread
 constexpr int kSimtMaxFeatures = 4096;
 
@@ -241,8 +252,9 @@ __device__ A block_reduce(A value, A* red) {
   return result;
 }
 
+// occupancy plan: 128 threads/block, 8 blocks/SM, <= 64 registers/thread
 template <typename T, typename A>
-__global__ void __launch_bounds__(kSimtThreads)
+__global__ void __launch_bounds__(kSimtThreads, 8)
     attention_fwd_simt_kernel(const T* __restrict__ q,  // pointer, (BH, Nq, Dqk)
                               const T* __restrict__ k,  // pointer, (BH, Nk, Dqk)
                               const T* __restrict__ v,  // pointer, (BH, Nk, Dv)
@@ -285,7 +297,7 @@ __global__ void __launch_bounds__(kSimtThreads)
     }
     __syncthreads();  // p_s is rewritten by the next block
   }
-  const A inv = softmax_inv_sum(state);
+  const A inv = reciprocal(state.sum);  // = softmax_inv_sum(state), without a division subroutine call
   for (int64_t c = tid; c < d.dv; c += kSimtThreads) out[row * d.dv + c] = from_acc<T>(acc_s[c] * inv);
   if (tid == 0) lse[row] = softmax_lse(state);
 }

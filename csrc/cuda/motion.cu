@@ -48,6 +48,7 @@ struct KeypointSlot {  // one workspace entry
   Affine<A> affine;
 };
 
+// occupancy plan: 256 threads/block, 4 blocks/SM, <= 64 registers/thread
 template <typename T>
 __global__ void keypoint_setup_kernel(MotionGeometry g,
                                       const T* __restrict__ kps,   // (B,K,2)
@@ -108,6 +109,7 @@ __device__ void block_sum_atomic(A (&v)[N], A* out, A* shared /* kWarps * N */) 
   __syncthreads();
 }
 
+// occupancy plan: 256 threads/block, 2 blocks/SM, <= 128 registers/thread (fp32 ~72: 3 blocks/SM; fp64 96)
 template <typename T>
 __global__ void sparse_forward_kernel(MotionGeometry g, typename Acc<T>::type variance,
                                       const T* __restrict__ src,  // (B,C,H,W), any strides
@@ -147,6 +149,7 @@ __global__ void sparse_forward_kernel(MotionGeometry g, typename Acc<T>::type va
 }
 
 // Grid: (pixel blocks, B); a block never spans two images, so its keypoint sums belong to one image.
+// occupancy plan: 256 threads/block, 2 blocks/SM, <= 128 registers/thread
 template <typename T>
 __global__ void sparse_backward_kernel(MotionGeometry g, typename Acc<T>::type variance,
                                        const T* __restrict__ grad,  // (B,(K+1)(C+1),H,W), any strides
@@ -208,6 +211,7 @@ __global__ void sparse_backward_kernel(MotionGeometry g, typename Acc<T>::type v
 }
 
 // One thread per (b, k): the summed pixel gradients chained through the keypoint affine.
+// occupancy plan: 256 threads/block, 4 blocks/SM, <= 64 registers/thread
 template <typename T>
 __global__ void keypoint_grads_kernel(int64_t count, int sums_per_keypoint, bool has_heat,
                                       typename Acc<T>::type variance,
@@ -242,6 +246,7 @@ __device__ __forceinline__ void softmax_stats(const T* logits_px, int64_t stride
   for (int64_t k = 0; k < count; ++k) total += motion::exp_t(to_acc<A>(logits_px[k * stride_k]) - top);
 }
 
+// occupancy plan: 256 threads/block, 4 blocks/SM, <= 64 registers/thread
 template <typename T>
 __global__ void dense_forward_kernel(MotionGeometry g,
                                      const T* __restrict__ logits,  // (B,K+1,H,W), any strides
@@ -272,6 +277,7 @@ __global__ void dense_forward_kernel(MotionGeometry g,
 }
 
 // Grid: (pixel blocks, B), as for the sparse backward.
+// occupancy plan: 256 threads/block, 3 blocks/SM, <= 80 registers/thread
 template <typename T>
 __global__ void dense_backward_kernel(MotionGeometry g,
                                       const T* __restrict__ grad_def,   // (B,H,W,2), any strides

@@ -64,6 +64,7 @@ __device__ __forceinline__ void tap_values(const BilinearTaps<A>& t, const T* pl
 }
 
 // ------------------------------------------------------------------------------- forward
+// occupancy plan: 256 threads/block, 4 blocks/SM, <= 64 registers/thread
 template <typename T>
 __global__ void warp_forward_kernel(WarpGeometry g, const T* __restrict__ input,  // (B,C,Hi,Wi), in_stride
                                     const T* __restrict__ grid,                   // (B,Ho,Wo,2), grid_stride
@@ -113,6 +114,7 @@ __device__ void load_tile_taps(TileTaps<A>& s, const WarpGeometry& g, const T* g
 }
 
 // channels_last input: block (32, 8) per tile of 32 output pixels; see the file comment.
+// occupancy plan: 256 threads/block, 4 blocks/SM, <= 64 registers/thread
 template <typename T>
 __global__ void warp_forward_cl_kernel(WarpGeometry g, const T* __restrict__ input,  // (B,C,Hi,Wi), in_stride[1] == 1
                                        const T* __restrict__ grid,                   // (B,Ho,Wo,2)
@@ -154,6 +156,7 @@ __device__ __forceinline__ void atomic_add(double* p, double v) { atomicAdd(p, v
 // Planar layouts: a thread per output pixel. Grid and occlusion gradients are per-thread sums
 // over channels (no atomics); the input gradient uses warp-aggregated atomics unless grad_in is
 // null (deterministic mode computes it separately).
+// occupancy plan: 256 threads/block, 2 blocks/SM, <= 128 registers/thread
 template <typename T>
 __global__ void warp_backward_kernel(WarpGeometry g, const T* __restrict__ grad_out,  // (B,C,Ho,Wo), out_stride
                                      const T* __restrict__ input,                     // (B,C,Hi,Wi), in_stride
@@ -236,6 +239,7 @@ __global__ void warp_backward_kernel(WarpGeometry g, const T* __restrict__ grad_
 // shared memory, lanes run over channels, and the per-pixel channel sums are reduced across the
 // warp in a fixed butterfly order (deterministic). Input-gradient atomics hit 32 contiguous
 // channels per instruction, or are left to the deterministic pass when grad_in is null.
+// occupancy plan: 256 threads/block, 3 blocks/SM, <= 80 registers/thread (fp64: 72 on sm_80)
 template <typename T>
 __global__ void warp_backward_cl_kernel(WarpGeometry g, const T* __restrict__ grad_out,  // (B,C,Ho,Wo)
                                         const T* __restrict__ input,                     // (B,C,Hi,Wi), in_stride[1] == 1
@@ -312,6 +316,7 @@ __global__ void warp_backward_cl_kernel(WarpGeometry g, const T* __restrict__ gr
 
 // ------------------------------------------------------------------------------- deterministic input gradient
 // Entry e = 4 * pixel + tap. Key: destination (b, y, x) flattened, or `sentinel` for invalid taps.
+// occupancy plan: 256 threads/block, 4 blocks/SM, <= 64 registers/thread
 template <typename T>
 __global__ void tap_keys_kernel(WarpGeometry g, const T* __restrict__ grid,  // (B,Ho,Wo,2)
                                 unsigned long long* __restrict__ keys,      // (4 * B*Ho*Wo,)
@@ -332,6 +337,7 @@ __global__ void tap_keys_kernel(WarpGeometry g, const T* __restrict__ grid,  // 
 
 // One thread per (sorted entry j, channel): the first entry of each destination sums the run of
 // entries with its key, in output-pixel order (the sort is stable), and stores the total.
+// occupancy plan: 256 threads/block, 4 blocks/SM, <= 64 registers/thread
 template <typename T>
 __global__ void gather_input_grad_kernel(WarpGeometry g, const T* __restrict__ grad_out,  // (B,C,Ho,Wo)
                                          const T* __restrict__ grid,                      // (B,Ho,Wo,2)

@@ -3,14 +3,15 @@ fp32 accumulation, logsumexp out, optional ``gamma * out + residual`` epilogue) 
 recomputes the probabilities from the logsumexp (delta pass, then one kernel over key blocks for dK
 and dV, one over query blocks for dQ; no atomics, so results are bitwise reproducible).
 
-Head dims are padded to powers of two (>= 16, the smallest ``tl.dot`` tile) with masks; Dv is
-processed in ``BLOCK_DV`` slices (one program per slice in the forward and for dV), so register
-pressure does not grow with Dv. Any N, any strides, float16 / bfloat16 (GPU) / float32 / float64.
+Head dims are padded to powers of two (>= 16, the smallest ``tl.dot`` tile; >= 32 on a GPU) with masks;
+Dv is processed in ``BLOCK_DV`` slices (one program per slice in the forward and for dV), so register
+pressure does not grow with Dv. Any N, any strides (on a GPU q, k, v with a non-unit innermost stride
+are copied first), float16 / bfloat16 (GPU) / float32 / float64. On a GPU the tiles come from the tables below
+(``launch_specs()`` lists every launch; tests/test_gpu_compile.py compiles them for sm_80/sm_90): Dqk
+up to 256 (fp32: 128), fp32 dots in "tf32x3".
 """
 from __future__ import annotations
 
-import functools
-import os
 from typing import NamedTuple, Optional, Sequence, Tuple
 
 import torch
@@ -19,16 +20,14 @@ import triton.language as tl
 
 from ... import _backends
 from .. import attention as _attention_ops
+from ._support import (GPU_DTYPES, acc_dtype, flag_variants, interpreting, launch_spec, poison_enabled, ptr_types,
+                       sm_count)
 
 Tensor = torch.Tensor
 LOG2E = 1.4426950408889634
 # kernels may read only constexpr globals
 _LOG2E = tl.constexpr(LOG2E)
 _LN2 = tl.constexpr(0.6931471805599453)
-
-
-def _poison() -> bool:
-    return os.environ.get("DAGAN_FAST_POISON", "").strip() not in ("", "0")
 
 
 # --------------------------------------------------------------------------------------------
@@ -53,6 +52,7 @@ def _attn_fwd_kernel(
     ACC: tl.constexpr,  # accumulation dtype (fp32, fp64 for fp64 inputs)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     HAS_RES: tl.constexpr, HAS_GAMMA: tl.constexpr,
+    PREC: tl.constexpr,  # tl.dot input_precision: "tf32x3" for fp32 on a GPU, else "ieee" (see _dot_precision)
 ):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
@@ -78,7 +78,7 @@ def _attn_fwd_kernel(
         n_mask = offs_n < NK
         kt = tl.load(k_base + offs_n[None, :] * skn + offs_d[:, None] * skd,
                      mask=d_mask[:, None] & n_mask[None, :], other=0.0)
-        s = tl.dot(q, kt, input_precision="ieee").to(ACC) * qk_scale
+        s = tl.dot(q, kt, input_precision=PREC).to(ACC) * qk_scale
         s = tl.where(n_mask[None, :], s, float("-inf"))
         # every key block holds a valid key (Nk >= 1, blocks start below Nk), so m_new is finite
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -87,7 +87,7 @@ def _attn_fwd_kernel(
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(v_base + offs_n[:, None] * svn + offs_e[None, :] * svd,
                     mask=n_mask[:, None] & e_mask[None, :], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee").to(ACC)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC).to(ACC)
         m_i = m_new
 
     o = acc / l_i[:, None]
@@ -149,7 +149,7 @@ def _attn_bwd_kv_kernel(
     C0,  # first task index: tasks 0..N_SLICES-1 are dV slices, task N_SLICES is dK
     N_SLICES,  # ceil(Dv / BLOCK_DV)
     ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_DV: tl.constexpr,
+    BLOCK_DV: tl.constexpr, PREC: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     bh = tl.program_id(1)
@@ -177,12 +177,12 @@ def _attn_bwd_kv_kernel(
             qt = tl.load(q_base + offs_m[None, :] * sqn + offs_d[:, None] * sqd,
                          mask=d_mask[:, None] & m_mask[None, :], other=0.0)
             lse2 = tl.load(Lse + row_base + offs_m, mask=m_mask, other=0.0).to(ACC) * _LOG2E
-            st = tl.dot(k, qt, input_precision="ieee").to(ACC) * qk_scale
+            st = tl.dot(k, qt, input_precision=PREC).to(ACC) * qk_scale
             # padded rows and columns must not reach the sums (exp2(0 - lse) could even overflow)
             pt = tl.where(n_mask[:, None] & m_mask[None, :], tl.exp2(st - lse2[None, :]), 0.0)
             do = tl.load(g_base + offs_m[:, None] * sgn + offs_e[None, :] * sgd,
                          mask=m_mask[:, None] & e_mask[None, :], other=0.0)
-            acc_dv += tl.dot(pt.to(do.dtype), do, input_precision="ieee").to(ACC)
+            acc_dv += tl.dot(pt.to(do.dtype), do, input_precision=PREC).to(ACC)
         tl.store(DV_ + (bh.to(tl.int64) * NK + offs_n[:, None]) * DV + offs_e[None, :],
                  acc_dv.to(DV_.dtype.element_ty), mask=n_mask[:, None] & e_mask[None, :])
     else:
@@ -195,7 +195,7 @@ def _attn_bwd_kv_kernel(
                          mask=d_mask[:, None] & m_mask[None, :], other=0.0)
             lse2 = tl.load(Lse + row_base + offs_m, mask=m_mask, other=0.0).to(ACC) * _LOG2E
             delta = tl.load(Delta + row_base + offs_m, mask=m_mask, other=0.0)
-            st = tl.dot(k, qt, input_precision="ieee").to(ACC) * qk_scale
+            st = tl.dot(k, qt, input_precision=PREC).to(ACC) * qk_scale
             pt = tl.where(n_mask[:, None] & m_mask[None, :], tl.exp2(st - lse2[None, :]), 0.0)
             dpt = tl.zeros([BLOCK_N, BLOCK_M], dtype=ACC)
             for start_e in range(0, DV, BLOCK_DV):
@@ -205,9 +205,9 @@ def _attn_bwd_kv_kernel(
                             mask=n_mask[:, None] & e_mask[None, :], other=0.0)
                 dot_ = tl.load(g_base + offs_m[None, :] * sgn + offs_e[:, None] * sgd,
                                mask=e_mask[:, None] & m_mask[None, :], other=0.0)
-                dpt += tl.dot(v, dot_, input_precision="ieee").to(ACC)
+                dpt += tl.dot(v, dot_, input_precision=PREC).to(ACC)
             dst = pt * (dpt - delta[None, :])
-            acc_dk += tl.dot(dst.to(qt.dtype), tl.trans(qt), input_precision="ieee").to(ACC)
+            acc_dk += tl.dot(dst.to(qt.dtype), tl.trans(qt), input_precision=PREC).to(ACC)
         tl.store(DK + (bh.to(tl.int64) * NK + offs_n[:, None]) * DQK + offs_d[None, :],
                  (acc_dk * scale).to(DK.dtype.element_ty), mask=n_mask[:, None] & d_mask[None, :])
 
@@ -228,7 +228,7 @@ def _attn_bwd_q_kernel(
     H, NQ, NK, DQK, DV,  # sizes
     scale, qk_scale,  # scale, and scale * log2(e)
     ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_DV: tl.constexpr,
+    BLOCK_DV: tl.constexpr, PREC: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
@@ -252,7 +252,7 @@ def _attn_bwd_q_kernel(
         n_mask = offs_n < NK
         kt = tl.load(k_base + offs_n[None, :] * skn + offs_d[:, None] * skd,
                      mask=d_mask[:, None] & n_mask[None, :], other=0.0)
-        s = tl.dot(q, kt, input_precision="ieee").to(ACC) * qk_scale
+        s = tl.dot(q, kt, input_precision=PREC).to(ACC) * qk_scale
         p = tl.where(m_mask[:, None] & n_mask[None, :], tl.exp2(s - lse2[:, None]), 0.0)
         dp = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
         for start_e in range(0, DV, BLOCK_DV):
@@ -262,9 +262,9 @@ def _attn_bwd_q_kernel(
                          mask=m_mask[:, None] & e_mask[None, :], other=0.0)
             vt = tl.load(v_base + offs_n[None, :] * svn + offs_e[:, None] * svd,
                          mask=e_mask[:, None] & n_mask[None, :], other=0.0)
-            dp += tl.dot(do, vt, input_precision="ieee").to(ACC)
+            dp += tl.dot(do, vt, input_precision=PREC).to(ACC)
         ds = p * (dp - delta[:, None])
-        acc_dq += tl.dot(ds.to(kt.dtype), tl.trans(kt), input_precision="ieee").to(ACC)
+        acc_dq += tl.dot(ds.to(kt.dtype), tl.trans(kt), input_precision=PREC).to(ACC)
     tl.store(DQ + (row_base + offs_m[:, None]) * DQK + offs_d[None, :],
              (acc_dq * scale).to(DQ.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
 
@@ -285,51 +285,131 @@ def _pow2(n: int) -> int:
     return max(16, triton.next_power_of_2(n))
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
+# GPU tile tables (launch_specs() compiles every tile they allow, so they are kept small). BLOCK_D: the
+# head dim Dqk padded to a power of two, 32 to 256 (q, k and the dQ/dK accumulators are
+# held whole). BLOCK_DV: the Dv slice, 64 or 128 (fp32: 64, its tiles take twice the registers and
+# shared memory); narrower heads are masked. The forward halves BLOCK_M once when the grid would leave
+# SMs idle (the streaming case: one image, one head); the backward keeps its tiles.
+# fp32 (three tf32 passes per dot) stops at 128: its 256-wide backward tiles spill even at 16 rows.
+GPU_HEAD_DIMS = (32, 64, 128, 256)
 
 
-def _interpreting(t: Tensor) -> bool:
-    return t.device.type == "cpu"
+def _gpu_head_dims(wide: bool) -> Tuple[int, ...]:
+    return GPU_HEAD_DIMS[:-1] if wide else GPU_HEAD_DIMS
 
 
-def _fill_rows(block: int, rows: int, programs_per_block: int, device: torch.device, floor: int = 16) -> int:
-    """Halves ``block`` (query or key tile) while the grid would leave multiprocessors idle."""
-    sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
-    while block > floor and triton.cdiv(rows, block) * programs_per_block < sms:
-        block //= 2
+def _gpu_block_d(dqk: int) -> int:
+    return max(GPU_HEAD_DIMS[0], triton.next_power_of_2(dqk))
+
+
+def _gpu_block_dv(dv: int, wide: bool) -> int:
+    return 64 if wide or dv <= 64 else 128
+
+
+def _gpu_block_dvs(wide: bool) -> Tuple[int, ...]:
+    return (64,) if wide else (64, 128)
+
+
+# The backward's Dv step (dV slices, and the Dv loops of dK and dQ): 64 (with 128 the dQ kernel's
+# (64, Dv) dO tile next to its q, dQ and dP tiles spills on sm_80).
+_GPU_BWD_BLOCK_DV = 64
+
+
+
+def _fill_rows(block: int, rows: int, programs_per_block: int, device: torch.device) -> int:
+    """Halves the forward's query tile once when the grid would leave multiprocessors idle."""
+    if triton.cdiv(rows, block) * programs_per_block < sm_count(device):
+        return block // 2
     return block
+
+
+def _fwd_base(block_d: int, wide: bool) -> Tuple[int, int]:
+    """(BLOCK_M before _fill_rows, BLOCK_N) of the forward kernel."""
+    return (64 if block_d <= 128 and not wide else 32), (64 if block_d <= 64 else 32)
+
+
+def _kv_base(block_d: int, wide: bool) -> int:
+    """BLOCK_N of the dK/dV kernel and of the dQ kernel's key steps (fp32 256-wide heads: 16)."""
+    if wide:
+        return 16 if block_d > 128 else 32
+    return 64 if block_d <= 64 else 32
+
+
+def _q_base(block_d: int, wide: bool) -> int:
+    """BLOCK_M of the dQ kernel: it holds q and its (BLOCK_M, BLOCK_D) accumulator (fp32: 16 rows)."""
+    return 16 if wide else (32 if block_d > 128 else 64)
+
+
+def _kv_step(wide: bool) -> int:
+    """Query rows per step of the dK/dV kernel (fp32: 16, its tf32x3 dots triple the operand tiles)."""
+    return 16 if wide else 32
+
+
+def _gpu_warps(wide: bool, block_d: int) -> int:
+    """Warps per program: fp32 tiles (three tf32 tensor-core passes per dot) and 256-wide heads (the
+    backward holds (BLOCK_N, 256) k and accumulator tiles) are spread over 8 warps so that they fit in
+    255 registers per thread; the others take 4."""
+    return 8 if wide or block_d > 128 else 4
+
+
+def _check_head_dim(q: Tensor, dqk: int) -> None:
+    """Raises for head dims beyond the GPU tile table of q's dtype (no compiled tile holds them)."""
+    limit = _gpu_head_dims(q.element_size() > 2)[-1]
+    if _pow2(dqk) > limit:
+        raise ValueError(f"the triton attention kernels take Dqk <= {limit} for {q.dtype} on a GPU, got {dqk}; "
+                         "use backend='cuda' or 'reference'")
 
 
 def _fwd_tiles(q: Tensor, nq: int, dqk: int, dv: int, bh: int) -> _Tiles:
     block_d, dv_p = _pow2(dqk), _pow2(dv)
-    if _interpreting(q):
+    if interpreting(q):
         # one config: big tiles (interpreter cost grows with the program count), Dv still sliced
         return _Tiles(64, 64, block_d, min(dv_p, 128), 4, 1)
+    _check_head_dim(q, dqk)
+    block_d = _gpu_block_d(dqk)
     wide = q.element_size() > 2  # fp32/fp64 tiles take twice the registers and shared memory
-    block_dv = min(dv_p, 64 if wide else 128)
-    block_m = 64 if block_d <= 128 and not wide else 32
-    block_n = 64 if block_d <= 64 else 32
+    block_dv = _gpu_block_dv(dv, wide)
+    block_m, block_n = _fwd_base(block_d, wide)
     block_m = _fill_rows(block_m, nq, bh * triton.cdiv(dv, block_dv), q.device)
-    return _Tiles(block_m, block_n, block_d, block_dv, 4, 1 if wide else 2)
+    return _Tiles(block_m, block_n, block_d, block_dv, _gpu_warps(wide, block_d), 1 if wide else 2)
 
 
 def _bwd_tiles(q: Tensor, dqk: int, dv: int) -> _Tiles:
     """Tiles of the backward kernels: block_n keys held per program in the dK/dV kernel and per step in
-    the dQ kernel; block_m the query rows per step in the dK/dV kernel (and held by the dQ kernel)."""
+    the dQ kernel; block_m the query rows per step in the dK/dV kernel (the dQ kernel picks its own)."""
     block_d, dv_p = _pow2(dqk), _pow2(dv)
-    if _interpreting(q):
+    if interpreting(q):
         return _Tiles(64, 64, block_d, min(dv_p, 128), 4, 1)
+    _check_head_dim(q, dqk)
+    block_d = _gpu_block_d(dqk)
     wide = q.element_size() > 2
-    block_dv = min(dv_p, 64 if wide else 128)
-    block_n = 64 if block_d <= 64 and not wide else 32
-    block_m = 32
-    return _Tiles(block_m, block_n, block_d, block_dv, 4, 1 if wide else 2)
+    return _Tiles(_kv_step(wide), _kv_base(block_d, wide), block_d, _GPU_BWD_BLOCK_DV,
+                  _gpu_warps(wide, block_d), 1 if wide else 2)
 
 
-def _acc_tl(dtype: torch.dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
+def _dot_precision(q: Tensor) -> str:
+    """tl.dot's input_precision: fp32 on a GPU runs "tf32x3" (three tensor-core passes, ~fp32 accuracy:
+    relative error ~1e-6); "ieee" there is a CUDA-core FMA dot whose operand copies need more than 255
+    registers per thread at these tiles and spill. fp16/bf16 ignore it; fp64 and the interpreter take "ieee"."""
+    return "tf32x3" if q.dtype == torch.float32 and not interpreting(q) else "ieee"
+
+
+# The delta kernel's Dv step on a GPU: it only sums rows, so a narrow step costs nothing.
+_GPU_DELTA_BLOCK_DV = 64
+
+
+def _delta_block_dv(q: Tensor, dv: int) -> int:
+    """BLOCK_DV of the delta kernel (a row sum over Dv slices)."""
+    return min(_pow2(dv), 128) if interpreting(q) else _GPU_DELTA_BLOCK_DV
+
+
+def _unit_inner(t: Optional[Tensor]) -> Optional[Tensor]:
+    """``t`` with a unit innermost stride (copied when it has none): Triton specializes a stride of 1
+    into a constant, which vectorizes the tile loads; with a runtime inner stride every element needs
+    its own 64-bit address and the fp32 tiles spill. launch_specs() compiles the unit-stride launches."""
+    if t is None or t.shape[-1] <= 1 or t.stride(-1) == 1:
+        return t
+    return t.contiguous()
 
 
 def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -349,23 +429,28 @@ def forward_epilogue(q: Tensor, k: Tensor, v: Tensor, scale: float, residual: Op
     """
     B, H, Nq, Dqk = q.shape
     Nk, Dv = k.shape[2], v.shape[3]
+    if not interpreting(q):
+        # the residual (and so the output, laid out like it) keeps its layout: DaGAN's is an NCHW map seen
+        # as (B,1,N,C) tokens, unit stride along N; launch_specs() compiles both unit-stride layouts
+        q, k, v = (_unit_inner(t) for t in (q, k, v))
     out = _attention_ops.epilogue_output(q, v, residual)
     lse = q.new_empty((B, H, Nq), dtype=_lse_dtype(q.dtype))
-    if _poison():
+    if poison_enabled():
         out.fill_(float("nan"))
         lse.fill_(float("nan"))
     if B * H == 0 or Nq == 0:
         return out, lse
     t = _fwd_tiles(q, Nq, Dqk, Dv, B * H)
     res = residual if residual is not None else out
-    res_strides = residual.stride() if residual is not None else (0, 0, 0, 0)
+    # unused without a residual; a unit last stride keeps the launch the one launch_specs() compiles
+    res_strides = residual.stride() if residual is not None else (0, 0, 0, 1)
     grid = (triton.cdiv(Nq, t.block_m), B * H, triton.cdiv(Dv, t.block_dv))
     _attn_fwd_kernel[grid](
         q, k, v, out, lse, res, gamma if gamma is not None else out,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *res_strides,
         H, Nq, Nk, Dqk, Dv, scale * LOG2E,
-        ACC=_acc_tl(q.dtype), BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_D=t.block_d, BLOCK_DV=t.block_dv,
-        HAS_RES=residual is not None, HAS_GAMMA=gamma is not None,
+        ACC=acc_dtype(q.dtype), BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_D=t.block_d, BLOCK_DV=t.block_dv,
+        HAS_RES=residual is not None, HAS_GAMMA=gamma is not None, PREC=_dot_precision(q),
         num_warps=t.num_warps, num_stages=t.num_stages,
     )
     return out, lse
@@ -386,7 +471,7 @@ def backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse
     dq = q.new_empty(q.shape) if want_q else q.new_empty((0,))
     dk = k.new_empty(k.shape) if want_k else k.new_empty((0,))
     dv = v.new_empty(v.shape) if want_v else v.new_empty((0,))
-    if _poison():
+    if poison_enabled():
         for g in (dq, dk, dv):
             g.fill_(float("nan"))
     if B * H == 0 or not (want_q or want_k or want_v):
@@ -396,9 +481,12 @@ def backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse
         dv.zero_()
         return dq, dk, dv
     lse = lse.contiguous()
+    if not interpreting(q):
+        q, k, v, out, grad_out = (_unit_inner(t) for t in (q, k, v, out, grad_out))
     t = _bwd_tiles(q, Dqk, Dv)
-    acc = _acc_tl(q.dtype)
-    common = dict(ACC=acc, BLOCK_D=t.block_d, BLOCK_DV=t.block_dv, num_warps=t.num_warps, num_stages=t.num_stages)
+    acc = acc_dtype(q.dtype)
+    common = dict(ACC=acc, BLOCK_D=t.block_d, BLOCK_DV=t.block_dv, PREC=_dot_precision(q), num_warps=t.num_warps,
+                  num_stages=t.num_stages)
     strides = (*q.stride(), *k.stride(), *v.stride(), *grad_out.stride())
     delta = None
     if want_q or want_k:
@@ -406,24 +494,68 @@ def backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse
         block = 64
         _attn_bwd_delta_kernel[(triton.cdiv(Nq, block), B * H)](
             out, grad_out, delta, *out.stride(), *grad_out.stride(), H, Nq, Dv,
-            ACC=acc, BLOCK_M=block, BLOCK_DV=min(_pow2(Dv), 128), num_warps=4)
+            ACC=acc, BLOCK_M=block, BLOCK_DV=_delta_block_dv(q, Dv), num_warps=4)
     if want_k or want_v:
         n_slices = triton.cdiv(Dv, t.block_dv)
         first = 0 if want_v else n_slices
         tasks = (n_slices if want_v else 0) + (1 if want_k else 0)
-        block_n = t.block_n if _interpreting(q) else _fill_rows(t.block_n, Nk, B * H * tasks, q.device)
+        block_n = t.block_n
         _attn_bwd_kv_kernel[(triton.cdiv(Nk, block_n), B * H, tasks)](
             q, k, v, grad_out, lse, delta if delta is not None else lse, dk if want_k else k,
             dv if want_v else v, *strides, H, Nq, Nk, Dqk, Dv, scale, scale * LOG2E, first, n_slices,
             BLOCK_M=t.block_m, BLOCK_N=block_n, **common)
     if want_q:
-        # the dQ kernel holds q and its (BLOCK_M, BLOCK_D) accumulator: fewer rows for wide heads
-        wide = q.element_size() > 2 or t.block_d > 128
-        block_m = 64 if _interpreting(q) else _fill_rows(32 if wide else 64, Nq, B * H, q.device)
+        block_m = 64 if interpreting(q) else _q_base(t.block_d, q.element_size() > 2)
         _attn_bwd_q_kernel[(triton.cdiv(Nq, block_m), B * H)](
             q, k, v, grad_out, lse, delta, dq, *strides, H, Nq, Nk, Dqk, Dv, scale, scale * LOG2E,
             BLOCK_M=block_m, BLOCK_N=t.block_n, **common)
     return dq, dk, dv
+
+
+def launch_specs():
+    """Every kernel configuration the attention launchers can launch on a GPU: for each GPU dtype, each
+    head-dim tile and Dv slice (and the forward's _fill_rows choice: base tile or halved), with the fused
+    epilogue on; the forward without residual / gamma once per dtype (each code path compiles)."""
+    specs = []
+    qkv = ("Q", "K", "V")
+    for dtype in GPU_DTYPES:
+        wide = dtype not in (torch.float16, torch.bfloat16)
+        stages = 1 if wide else 2
+        acc = acc_dtype(dtype)
+        lse = {"Lse": "fp32", "Delta": "fp32"}
+        specs.append(launch_spec(_attn_bwd_delta_kernel, dtype, ptr_types(("O", "DO", "Delta"), dtype, lse),
+                                 dict(ACC=acc, BLOCK_M=64, BLOCK_DV=_GPU_DELTA_BLOCK_DV), 4, units=("sod", "sgd")))
+        for block_d in _gpu_head_dims(wide):
+            base_m, block_n = _fwd_base(block_d, wide)
+            kv_n = _kv_base(block_d, wide)
+            q_m = _q_base(block_d, wide)
+            warps = _gpu_warps(wide, block_d)
+            for block_dv in sorted(set(_gpu_block_dvs(wide)) | {_GPU_BWD_BLOCK_DV}):
+                tiles = dict(BLOCK_D=block_d, BLOCK_DV=block_dv, PREC="tf32x3" if dtype == torch.float32 else "ieee")
+                fwd_ptrs = ptr_types(qkv + ("Out", "Lse", "Res", "Gamma"), dtype, lse)
+                for block_m in (base_m, base_m // 2) if block_dv in _gpu_block_dvs(wide) else ():
+                    flags = flag_variants(("HAS_RES", "HAS_GAMMA"))
+                    first = block_d == 32 and block_dv == _gpu_block_dvs(wide)[-1] and block_m == base_m
+                    for f in flags if first else flags[:1]:
+                        # output and residual with unit feature stride, and (with a residual) the NCHW
+                        # token view's layout: unit stride along the rows
+                        for out_units in (("sod", "srd"), ("son", "srn")) if f["HAS_RES"] else (("sod", "srd"),):
+                            specs.append(launch_spec(_attn_fwd_kernel, dtype, fwd_ptrs,
+                                                     dict(ACC=acc, BLOCK_M=block_m, BLOCK_N=block_n, **tiles, **f),
+                                                     warps, stages, floats=("qk_scale",),
+                                                     units=("sqd", "skd", "svd", *out_units)))
+                bwd_ptrs = ptr_types(qkv + ("DO", "Lse", "Delta", "DK", "DV_", "DQ"), dtype, lse)
+                if block_dv != _GPU_BWD_BLOCK_DV:
+                    continue
+                specs.append(launch_spec(_attn_bwd_kv_kernel, dtype,
+                                         {k: v for k, v in bwd_ptrs.items() if k != "DQ"},
+                                         dict(ACC=acc, BLOCK_M=_kv_step(wide), BLOCK_N=kv_n, **tiles), warps, stages,
+                                         floats=("scale", "qk_scale"), units=("sqd", "skd", "svd", "sgd")))
+                specs.append(launch_spec(_attn_bwd_q_kernel, dtype,
+                                         {k: v for k, v in bwd_ptrs.items() if k not in ("DK", "DV_")},
+                                         dict(ACC=acc, BLOCK_M=q_m, BLOCK_N=kv_n, **tiles), warps, stages,
+                                         floats=("scale", "qk_scale"), units=("sqd", "skd", "svd", "sgd")))
+    return specs
 
 
 _backends.get_backend("triton").register(_attention_ops.OP, forward, backward)

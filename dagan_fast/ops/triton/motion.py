@@ -13,7 +13,6 @@ and summed in torch (deterministic); the source gradient is scattered with atomi
 """
 from __future__ import annotations
 
-import os
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -22,6 +21,7 @@ import triton.language as tl
 
 from ... import _backends
 from .. import reference
+from ._support import GPU_DTYPES, flag_variants, launch_spec, poison_enabled, ptr_types
 
 Tensor = torch.Tensor
 
@@ -354,15 +354,10 @@ def _dense_bwd_kernel(
 
 
 # ------------------------------------------------------------------------------------ launchers
-def _poison() -> bool:
-    v = os.environ.get("DAGAN_FAST_POISON", "")
-    return v not in ("", "0")
-
-
 def _new_output(shape, like: Tensor, dtype: Optional[torch.dtype] = None) -> Tensor:
     """A fresh contiguous output; NaN-filled under DAGAN_FAST_POISON so unwritten elements show."""
     dtype = dtype or like.dtype
-    if _poison():
+    if poison_enabled():
         return torch.full(shape, float("nan"), dtype=dtype, device=like.device)
     return torch.empty(shape, dtype=dtype, device=like.device)
 
@@ -383,11 +378,22 @@ def _to_finite(t: Tensor, dtype: torch.dtype) -> Tensor:
     return t.clamp(-limit, limit).to(dtype)
 
 
+# Pixels per program a GPU launch picks from (launch_specs() compiles each): 256, or the image rounded
+# up to a power of two for images of fewer pixels, at least 64.
+GPU_BLOCKS = (64, 128, 256)
+
+
+def _warps(block: int) -> int:
+    return 4 if block >= 128 else 1
+
+
 def _block(hw: int, device: torch.device) -> Tuple[int, int]:
     """(pixels per program, warps): big blocks under the interpreter, whose cost is per program."""
-    cap = 4096 if device.type == "cpu" else 256
-    block = max(16, min(cap, triton.next_power_of_2(hw)))
-    return block, 4 if block >= 128 else 1
+    if device.type == "cpu":
+        block = max(16, min(4096, triton.next_power_of_2(hw)))
+    else:
+        block = max(GPU_BLOCKS[0], min(GPU_BLOCKS[-1], triton.next_power_of_2(hw)))
+    return block, _warps(block)
 
 
 def _grid_args(H: int, W: int) -> Tuple[int, int, int, int, int, int]:
@@ -536,6 +542,33 @@ def dense_backward(grad_deformation: Tensor, grad_mask: Tensor, mask_logits: Ten
     kp_grads = reference._keypoint_grads((grad_A, grad_b), zeros, zeros, kps, jacs, kpd, jacd, want)
     likes = [kp_source, jac_source, kp_driving, jac_driving]
     return (grad_logits, *_cast_grads(kp_grads, likes, want, kp_source))
+
+
+def launch_specs():
+    """Every kernel configuration the motion launchers can launch on a GPU: each block of GPU_BLOCKS in
+    each GPU dtype with every gradient asked for, and the other flag sets once per kernel (256 pixels,
+    float32) so that each code path compiles. CLAMP follows the dtype, as in the launchers; innermost
+    strides are 1 (contiguous inputs; other strides are runtime values of the same kernels)."""
+    specs = []
+    compute = {"prm_ptr": "fp32", "gsrc_ptr": "fp32", "part_ptr": "fp32"}
+    kernels = (
+        (_sparse_fwd_kernel, (), (), ("s_sw",)),
+        (_sparse_bwd_kernel, ("NEED_SRC", "NEED_KP"), (), ("g_sw", "s_sw")),
+        (_dense_fwd_kernel, (), ("out_max",), ("l_sw",)),
+        (_dense_bwd_kernel, ("NEED_LOGITS", "NEED_KP"), ("out_max",), ("d_s2", "m_sw", "l_sw")),
+    )
+    for kernel, flag_names, floats, units in kernels:
+        pointers = [n for n in kernel.arg_names if n.endswith("_ptr")]
+        variants = flag_variants(flag_names, lambda f: any(f.values()) or not f)
+        for dtype in GPU_DTYPES:
+            for block in GPU_BLOCKS:
+                for flags in variants if (dtype, block) == (torch.float32, GPU_BLOCKS[-1]) else variants[:1]:
+                    constexprs = dict(flags, BLOCK=block)
+                    if "CLAMP" in kernel.arg_names:
+                        constexprs["CLAMP"] = _low_precision(dtype)
+                    specs.append(launch_spec(kernel, dtype, ptr_types(pointers, dtype, compute), constexprs,
+                                             _warps(block), floats=floats, units=units))
+    return specs
 
 
 _backends.get_backend("triton").register("sparse_motion_inputs", sparse_forward, sparse_backward)

@@ -12,8 +12,6 @@ like ``csrc/common/warp_math.h`` (far-out and inf coordinates read zeros with ze
 """
 from __future__ import annotations
 
-import functools
-import os
 import warnings
 from typing import Optional, Sequence, Tuple
 
@@ -22,6 +20,8 @@ import triton
 import triton.language as tl
 
 from ... import _backends
+from ._support import (GPU_DTYPES, acc_dtype, flag_variants, interpreting, launch_spec, poison_enabled,
+                       ptr_types, sm_count)
 
 Tensor = torch.Tensor
 OP = "warp_occlusion"
@@ -216,28 +216,6 @@ def _warp_bwd_kernel(
 # --------------------------------------------------------------------------------------------
 # launchers
 # --------------------------------------------------------------------------------------------
-def _poison_enabled() -> bool:
-    return os.environ.get("DAGAN_FAST_POISON", "").strip() not in ("", "0")
-
-
-def _interpreting(t: Tensor) -> bool:
-    return t.device.type == "cpu"
-
-
-@functools.lru_cache(maxsize=None)
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
-def _target_programs(device: torch.device) -> int:
-    """Programs that keep every SM of ``device`` busy (a few per SM hide the gather latency)."""
-    return 4 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
-
-
-def _acc_dtype(dtype: torch.dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
-
-
 def _occ_strides(occlusion: Optional[Tensor]) -> Tuple[int, int, int]:
     if occlusion is None:
         return 0, 0, 0
@@ -257,10 +235,41 @@ def _alert_not_deterministic() -> None:
         raise RuntimeError(message)
 
 
+# Tiles a GPU launch picks from, (BLOCK_P, BLOCK_C) -> num_warps; launch_specs() compiles every one.
+# BLOCK_C: 32 channels per step for channel-contiguous inputs (channels_last: one tap of 32 channels is
+# one 64/128-byte line), else 8 (4 for C <= 4). BLOCK_P: 32 pixels with 32 channels; else 128, halved
+# (down to 32) when one program sums all channels of its pixels and the grid would leave SMs idle.
+_GPU_BLOCK_C = (4, 8, 32)
+_GPU_BLOCK_P = {4: (128, 64, 32), 8: (128, 64, 32), 32: (32,)}
+
+
+def _gpu_warps(block_p: int, block_c: int) -> int:
+    return 4 if block_p * block_c >= 512 else 2
+
+
+def _gpu_bwd_warps(block_p: int, block_c: int) -> int:
+    """The backward keeps four taps' offsets, weights and values per element: 1024-element tiles take 8
+    warps (with 4, fp16/bf16 need more than 255 registers per thread and spill)."""
+    return 8 if block_p * block_c >= 1024 else _gpu_warps(block_p, block_c)
+
+
+GPU_TILES = tuple((p, c, _gpu_warps(p, c)) for c in _GPU_BLOCK_C for p in _GPU_BLOCK_P[c])
+
+
+def _interpreting(t: Tensor) -> bool:
+    """Whether the plan is the interpreter's (CPU tensors); tests patch it to run the GPU plan."""
+    return interpreting(t)
+
+
+def _target_programs(device: torch.device) -> int:
+    """Programs that keep every SM of ``device`` busy (a few per SM hide the gather latency)."""
+    return 4 * sm_count(device)
+
+
 class _Plan:
     """Block sizes and program grid for one call: (tiles of BLOCK_P pixels, B, channel groups)."""
 
-    def __init__(self, input: Tensor, grid: Tensor, *, split_channels: bool):
+    def __init__(self, input: Tensor, grid: Tensor, *, split_channels: bool, backward: bool = False):
         B, C = input.shape[:2]
         HWo = grid.shape[1] * grid.shape[2]
         if _interpreting(input):
@@ -270,19 +279,21 @@ class _Plan:
             self.num_warps = 4
             groups = 1
         else:
-            # Channel-contiguous inputs (channels_last) gather BLOCK_C values per tap in one line.
-            self.block_c = min(triton.next_power_of_2(max(C, 1)), 32 if input.stride(1) == 1 else 8)
-            self.block_p = max(16, min(triton.next_power_of_2(HWo), max(32, 1024 // self.block_c)))
+            self.block_c = 32 if input.stride(1) == 1 and C > 8 else (8 if C > 4 else 4)
+            choices = _GPU_BLOCK_P[self.block_c]
+            self.block_p = choices[0]
             target = _target_programs(input.device)
             if not split_channels:
                 # One program sums all channels of a pixel: get parallelism from smaller pixel tiles.
-                while B * triton.cdiv(HWo, self.block_p) < target and self.block_p > 32:
-                    self.block_p //= 2
+                for smaller in choices[1:]:
+                    if B * triton.cdiv(HWo, self.block_p) >= target:
+                        break
+                    self.block_p = smaller
                 groups = 1
             else:
                 chunks = triton.cdiv(C, self.block_c)
                 groups = min(chunks, max(1, triton.cdiv(target, B * triton.cdiv(HWo, self.block_p))))
-            self.num_warps = 4 if self.block_p * self.block_c >= 512 else 2
+            self.num_warps = (_gpu_bwd_warps if backward else _gpu_warps)(self.block_p, self.block_c)
         chunks = triton.cdiv(C, self.block_c)
         self.c_per_prog = triton.cdiv(chunks, groups) * self.block_c
         self.grid = (triton.cdiv(HWo, self.block_p), B, triton.cdiv(C, self.c_per_prog))
@@ -299,7 +310,7 @@ def warp_forward(input: Tensor, grid: Tensor, occlusion: Optional[Tensor]) -> Te
     out = torch.empty((B, C, Ho, Wo), dtype=input.dtype, device=input.device)
     if out.numel() == 0:
         return out
-    if _poison_enabled():
+    if poison_enabled():
         out.fill_(float("nan"))
     plan = _Plan(input, grid, split_channels=True)
     _warp_fwd_kernel[plan.grid](
@@ -307,7 +318,7 @@ def warp_forward(input: Tensor, grid: Tensor, occlusion: Optional[Tensor]) -> Te
         C, Hi, Wi, Wo, Ho * Wo,
         *input.stride(), *grid.stride(), *_occ_strides(occlusion),
         plan.c_per_prog,
-        HAS_OCC=occlusion is not None, ACC=_acc_dtype(input.dtype),
+        HAS_OCC=occlusion is not None, ACC=acc_dtype(input.dtype),
         BLOCK_P=plan.block_p, BLOCK_C=plan.block_c, num_warps=plan.num_warps,
     )
     return out
@@ -330,7 +341,7 @@ def warp_backward(grad_output: Tensor, input: Tensor, grid: Tensor, occlusion: O
     gi_acc = torch.zeros(input.shape, dtype=acc_torch, device=input.device) if want_input else None
     grad_grid = grid.new_empty((B, Ho, Wo, 2)) if want_grid else grid.new_empty((0,))
     grad_occ = grid.new_empty((B, 1, Ho, Wo)) if want_occ else grid.new_empty((0,))
-    if _poison_enabled():
+    if poison_enabled():
         grad_grid.fill_(float("nan"))
         grad_occ.fill_(float("nan"))
     if grad_output.numel() == 0:  # no channels (or no pixels): nothing flows back
@@ -338,7 +349,7 @@ def warp_backward(grad_output: Tensor, input: Tensor, grid: Tensor, occlusion: O
         grad_occ.zero_()
     elif want_input or want_grid or want_occ:
         need_taps = want_grid or want_occ
-        plan = _Plan(input, grid, split_channels=not need_taps)
+        plan = _Plan(input, grid, split_channels=not need_taps, backward=True)
         _warp_bwd_kernel[plan.grid](
             grad_output, input, grid, occlusion if occlusion is not None else grid,
             gi_acc if want_input else grid, grad_grid if want_grid else grid, grad_occ if want_occ else grid,
@@ -346,7 +357,7 @@ def warp_backward(grad_output: Tensor, input: Tensor, grid: Tensor, occlusion: O
             *grad_output.stride(), *input.stride(), *grid.stride(), *_occ_strides(occlusion),
             plan.c_per_prog,
             HAS_OCC=occlusion is not None, NEED_INPUT=want_input, NEED_GRID=want_grid, NEED_OCC=want_occ,
-            NEED_TAPS=need_taps, ACC=_acc_dtype(input.dtype),
+            NEED_TAPS=need_taps, ACC=acc_dtype(input.dtype),
             BLOCK_P=plan.block_p, BLOCK_C=plan.block_c, num_warps=plan.num_warps,
         )
     if want_input:
@@ -354,6 +365,43 @@ def warp_backward(grad_output: Tensor, input: Tensor, grid: Tensor, occlusion: O
     else:
         grad_input = input.new_empty((0,))
     return grad_input, grad_grid, grad_occ
+
+
+def _bwd_flags_valid(f) -> bool:
+    """Flag sets warp_backward launches: some gradient, the occlusion one only with an occlusion, and
+    NEED_TAPS exactly when the grid or occlusion gradient is asked for."""
+    return ((f["NEED_INPUT"] or f["NEED_GRID"] or f["NEED_OCC"]) and (f["HAS_OCC"] or not f["NEED_OCC"])
+            and f["NEED_TAPS"] == (f["NEED_GRID"] or f["NEED_OCC"]))
+
+
+def launch_specs():
+    """Every kernel configuration warp_forward / warp_backward can launch on a GPU: each tile of
+    GPU_TILES in each GPU dtype with every feature on (the most registers), and every other flag set
+    once, at the first tile in float32 (each code path compiles). Strides are those of the layout each
+    tile serves (see below); other strides are runtime values of the same kernels."""
+    specs = []
+    kernels = (
+        (_warp_fwd_kernel, ("HAS_OCC",), lambda f: True, {}, ("sgk", "sow"), {}),
+        (_warp_bwd_kernel, ("HAS_OCC", "NEED_INPUT", "NEED_GRID", "NEED_OCC", "NEED_TAPS"), _bwd_flags_valid,
+         {"gi_ptr": "fp32"}, ("sgk", "sow"), {"sxw": "sgow", "sxc": "sgoc"}),
+    )
+    for kernel, flag_names, valid, overrides, units, grad_unit in kernels:
+        pointers = [n for n in kernel.arg_names if n.endswith("_ptr")]
+        variants = flag_variants(flag_names, valid)
+        for dtype in GPU_DTYPES:
+            for block_p, block_c, warps in GPU_TILES:
+                for flags in variants if (dtype, block_p, block_c) == (torch.float32, *GPU_TILES[0][:2]) \
+                        else variants[:1]:
+                    # the layouts each tile serves: channels_last (unit channel stride) for 32 channels
+                    # per step, planar (unit width stride) otherwise; grid and occlusion contiguous
+                    inner = "sxc" if block_c == 32 else "sxw"
+                    unit = (inner, *units) + ((grad_unit[inner],) if inner in grad_unit else ())
+                    if kernel is _warp_bwd_kernel:
+                        warps = _gpu_bwd_warps(block_p, block_c)
+                    specs.append(launch_spec(kernel, dtype, ptr_types(pointers, dtype, overrides),
+                                             dict(flags, ACC=acc_dtype(dtype), BLOCK_P=block_p, BLOCK_C=block_c),
+                                             warps, units=unit))
+    return specs
 
 
 _backends.get_backend("triton").register(OP, warp_forward, warp_backward)
