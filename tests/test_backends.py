@@ -205,3 +205,23 @@ def test_cpu_capability_follows_aten_cpu_capability():
     env = {**os.environ, "ATEN_CPU_CAPABILITY": "default"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
     assert out.stdout.strip().splitlines()[-1] == "DEFAULT"
+
+
+def test_triton_kernels_load_when_triton_is_installed():
+    # a broken import inside dagan_fast.ops.triton would otherwise only show up as skipped Triton tests
+    pytest.importorskip("triton")
+    from dagan_fast.ops._backends import _load_triton_kernels
+
+    assert _load_triton_kernels() is None
+
+
+def test_triton_attention_declares_its_gpu_head_dims(monkeypatch):
+    pytest.importorskip("triton")
+    from dagan_fast.ops.triton import attention as triton_attention
+
+    monkeypatch.setattr(triton_attention, "interpreting", lambda t: False)  # as on a GPU
+    q32, q16 = torch.randn(1, 1, 2, 200), torch.randn(1, 1, 2, 200).half()
+    assert triton_attention.head_dim_reasons(q32) == ["Dqk 200 exceeds the 128 of its GPU tiles for torch.float32"]
+    assert triton_attention.head_dim_reasons(q16) == []
+    assert triton_attention.head_dim_reasons(torch.randn(1, 1, 2, 300).half())
+    assert _backends.get_backend("triton").kernels["cross_modal_attention"].reasons is triton_attention.head_dim_reasons

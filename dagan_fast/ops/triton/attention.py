@@ -12,13 +12,13 @@ up to 256 (fp32: 128), fp32 dots in "tf32x3".
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Optional, Sequence, Tuple
+from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
-from ... import _backends
+from .. import _backends
 from .. import attention as _attention_ops
 from ._support import (GPU_DTYPES, acc_dtype, flag_variants, interpreting, launch_spec, poison_enabled, ptr_types,
                        sm_count)
@@ -360,6 +360,16 @@ def _check_head_dim(q: Tensor, dqk: int) -> None:
                          "use backend='cuda' or 'reference'")
 
 
+def head_dim_reasons(q: Tensor, k: Optional[Tensor] = None, v: Optional[Tensor] = None) -> List[str]:
+    """Dispatch's view of ``_check_head_dim``: why these kernels cannot take q (B,H,N,Dqk) on a GPU, so that
+    automatic selection falls back (the interpreter has no tile table, so no limit there)."""
+    if interpreting(q):
+        return []
+    limit = _gpu_head_dims(q.element_size() > 2)[-1]
+    dqk = q.shape[-1]
+    return [f"Dqk {dqk} exceeds the {limit} of its GPU tiles for {q.dtype}"] if _pow2(dqk) > limit else []
+
+
 def _fwd_tiles(q: Tensor, nq: int, dqk: int, dv: int, bh: int) -> _Tiles:
     block_d, dv_p = _pow2(dqk), _pow2(dv)
     if interpreting(q):
@@ -558,5 +568,6 @@ def launch_specs():
     return specs
 
 
-_backends.get_backend("triton").register(_attention_ops.OP, forward, backward)
+_backends.get_backend("triton").register(_attention_ops.OP, forward, backward,
+                                         not_supported_reasons=head_dim_reasons)
 _attention_ops.register_epilogue("triton", forward_epilogue)

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ... import _backends
+from .. import _backends
 from .. import reference
 from ._support import GPU_DTYPES, flag_variants, launch_spec, poison_enabled, ptr_types
 

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ... import _backends
+from .. import _backends
 from ._support import (GPU_DTYPES, acc_dtype, flag_variants, interpreting, launch_spec, poison_enabled,
                        ptr_types, sm_count)
 
