@@ -28,7 +28,9 @@ frames, synchronising on a GPU). Rows go to ``benchmarks/results/latency-daganpp
 the CSV row records the dtype the Animator ran (``dtype``, with ``dtype_requested``) and the CPU capability
 (``cpu_capability``: PyTorch's kernel level + native bf16 flags; emulate an AVX2-only CPU with
 ``ATEN_CPU_CAPABILITY=avx2``). ``--no-prepack``: plain ``F.conv2d`` instead of the pre-packed oneDNN convolutions;
-``--malloc-keep``: glibc keeps freed memory (mallopt), see ``_common.malloc_keep``.
+``--malloc-keep``: glibc keeps freed memory (mallopt), see ``_common.malloc_keep`` (the Animator sets it
+already, so this mostly matters for the official-style path); ``--cpu-time``: on a shared CPU, time by process
+CPU time / threads (column ``clock``).
 
 Per-frame times (p50, p95, max, FPS) after warm-up; CUDA events on a GPU. Prints a table, then the speed-up
 ratio as the last line, and appends a row to ``benchmarks/results/latency.csv`` with provenance.
@@ -59,8 +61,21 @@ def percentile(xs, q):
     return float(np.percentile(np.asarray(xs), q))
 
 
+#: ``--cpu-time``: on the CPU, time by this process's CPU time divided by the thread count instead of wall time
+#: (a shared machine's other jobs then add little; OpenMP spin-waits still count).
+CLOCK = {"fn": time.perf_counter}
+
+
+def now() -> float:
+    return CLOCK["fn"]()
+
+
+def _cpu_seconds() -> float:
+    return time.process_time() / max(torch.get_num_threads(), 1)
+
+
 class Timer:
-    """Per-call wall time (ms), with CUDA events on a GPU."""
+    """Per-call wall time (ms), with CUDA events on a GPU (``--cpu-time``: CPU time per thread on the CPU)."""
 
     def __init__(self, device):
         self.device = device
@@ -73,9 +88,9 @@ class Timer:
             stop.record()
             stop.synchronize()
             return out, start.elapsed_time(stop)
-        t0 = time.perf_counter()
+        t0 = now()
         out = fn()
-        return out, (time.perf_counter() - t0) * 1e3
+        return out, (now() - t0) * 1e3
 
 
 def driving_clip(official, n, size):
@@ -101,6 +116,8 @@ def main(argv=None) -> int:
                         help="fast path precision (the official path is always fp32); auto: the Animator's pick")
     parser.add_argument("--no-prepack", action="store_true",
                         help="fast path: F.conv2d instead of pre-packed oneDNN convolutions (Animator(prepack=False))")
+    parser.add_argument("--cpu-time", action="store_true",
+                        help="CPU device: time by process CPU time / threads instead of wall time (shared machines)")
     parser.add_argument("--malloc-keep", action="store_true",
                         help="glibc keeps freed memory in the heap (mallopt), no fresh-page faults per tensor")
     parser.add_argument("--size", type=int, default=256)
@@ -127,6 +144,8 @@ def main(argv=None) -> int:
     frames_n = args.frames or (100 if gpu else 8)
     warmup = args.warmup if args.warmup is not None else (10 if gpu else 2)
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "auto": "auto"}[args.dtype]
+    if args.cpu_time and not gpu:
+        CLOCK["fn"] = _cpu_seconds
     if args.malloc_keep and not malloc_keep():
         print("--malloc-keep: mallopt is not available here (not glibc); ignored", file=sys.stderr)
 
@@ -213,11 +232,11 @@ def main(argv=None) -> int:
         timed = clip[warmup:warmup + frames_n]
         if gpu:
             torch.cuda.synchronize()
-        t0 = time.perf_counter()
+        t0 = now()
         n = sum(1 for _ in animator.animate_video(timed, batch_size=args.batch, progress=False))
         if gpu:
             torch.cuda.synchronize()
-        batch_fps = n / (time.perf_counter() - t0)
+        batch_fps = n / (now() - t0)
 
     def row(name, ms):
         return (f"{name:<28} {statistics.median(ms):10.1f} {percentile(ms, 95):10.1f} {max(ms):10.1f} "
@@ -242,7 +261,8 @@ def main(argv=None) -> int:
         "date": info["date"], "commit": info["commit"], "device": device_name(device), "torch": info["torch"],
         "triton": info["triton"], "model": args.model, "size": args.size, "dtype": ran,
         "dtype_requested": args.dtype, "cpu_capability": cpu_capability(), "threads": torch.get_num_threads(),
-        "prepack": animator.prepack, "malloc_keep": args.malloc_keep, "frames": frames_n, "warmup": warmup, "load_avg": f"{load:.2f}",
+        "prepack": animator.prepack, "malloc_keep": args.malloc_keep, "frames": frames_n, "warmup": warmup,
+        "load_avg": f"{load:.2f}", "clock": "cpu" if CLOCK["fn"] is _cpu_seconds else "wall",
         "official_recompute_source": args.official_recompute_source,
         "official_p50_ms": f"{statistics.median(official_ms):.2f}", "official_p95_ms": f"{percentile(official_ms, 95):.2f}",
         "stream_p50_ms": f"{statistics.median(stream_ms):.2f}", "stream_p95_ms": f"{percentile(stream_ms, 95):.2f}",
@@ -276,12 +296,12 @@ class AttentionTimer:
     def _begin(self, module, inputs):
         if self.enabled:
             self._sync()
-            self._start = time.perf_counter()
+            self._start = now()
 
     def _end(self, module, inputs, output):
         if self.enabled:
             self._sync()
-            self.total_ms += (time.perf_counter() - self._start) * 1e3
+            self.total_ms += (now() - self._start) * 1e3
 
     def remove(self):
         for handle in self.handles:
@@ -351,12 +371,12 @@ def run_daganpp(args, official, device, dtype, frames_n, warmup) -> int:
     it = animator.stream(iter(share_frames))
     next(it)                                                # reference frame, untimed
     hooks.enabled = True
-    t0 = time.perf_counter()
+    t0 = now()
     for _ in it:
         pass
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    share = hooks.total_ms / ((time.perf_counter() - t0) * 1e3)
+    share = hooks.total_ms / ((now() - t0) * 1e3)
     hooks.remove()
 
     batch_fps = None
@@ -366,11 +386,11 @@ def run_daganpp(args, official, device, dtype, frames_n, warmup) -> int:
         animator.reset()
         if device.type == "cuda":
             torch.cuda.synchronize()
-        t0 = time.perf_counter()
+        t0 = now()
         n = sum(1 for _ in animator.animate_video(clip[warmup:warmup + frames_n], batch_size=args.batch))
         if device.type == "cuda":
             torch.cuda.synchronize()
-        batch_fps = n / (time.perf_counter() - t0)
+        batch_fps = n / (now() - t0)
 
     p50_plain, p50_fast = statistics.median(plain_ms), statistics.median(stream_ms)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
@@ -393,7 +413,8 @@ def run_daganpp(args, official, device, dtype, frames_n, warmup) -> int:
         "date": info["date"], "commit": info["commit"], "device": device_name(device), "torch": info["torch"],
         "triton": info["triton"], "model": "daganpp", "size": args.size, "dtype": ran, "dtype_requested": args.dtype,
         "cpu_capability": cpu_capability(), "threads": torch.get_num_threads(), "prepack": animator.prepack,
-        "malloc_keep": args.malloc_keep, "frames": frames_n,
+        "malloc_keep": args.malloc_keep, "clock": "cpu" if CLOCK["fn"] is _cpu_seconds else "wall",
+        "frames": frames_n,
         "warmup": warmup, "load_avg": f"{load:.2f}",
         "materialised_layers": "".join("1" if m else "0" for m in materialised),
         "plain_p50_ms": f"{p50_plain:.2f}", "plain_p95_ms": f"{percentile(plain_ms, 95):.2f}",

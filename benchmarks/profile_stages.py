@@ -196,7 +196,8 @@ def main(argv=None) -> int:
     paths, _ = official.save_official_layout(tmp, "plain", 18, seed=0, models=models)
     model = DaGAN.from_official(str(paths["checkpoint"]), str(paths["depth_encoder"]), str(paths["depth_decoder"]))
     source, clip = driving_clip(official, 1 + args.batch, args.size)
-    animator = Animator(model, source, dtype={"fp32": torch.float32, "bf16": torch.bfloat16, "auto": "auto"}[args.dtype],
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "auto": "auto"}[args.dtype]
+    animator = Animator(model, source, dtype=dtype,
                         prepack=False if args.no_prepack else None)
     print(animator.describe(), flush=True)
     list(animator.animate_video(clip, batch_size=args.batch))          # warm-up (oneDNN primitives)

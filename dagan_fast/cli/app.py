@@ -286,8 +286,7 @@ def _run_animate(args: argparse.Namespace) -> int:
             except ValueError as exc:
                 raise CommandError(f"--driving {args.driving}: {exc}") from None
         elapsed = time.perf_counter() - began
-    print(f"{count} frames in {elapsed:.1f} s ({count / max(elapsed, 1e-9):.2f} fps, "
-          f"{str(animator.dtype).replace('torch.', '')}) -> {args.out}")
+    print(f"{count} frames in {elapsed:.1f} s ({count / max(elapsed, 1e-9):.2f} fps) -> {args.out}")
     return 0
 
 
