@@ -27,7 +27,8 @@ frames, synchronising on a GPU). Rows go to ``benchmarks/results/latency-daganpp
 ``--dtype``: the fast path's precision (``auto`` = ``Animator``'s default: bf16 on a CPU with AMX/AVX512-BF16);
 the CSV row records the dtype the Animator ran (``dtype``, with ``dtype_requested``) and the CPU capability
 (``cpu_capability``: PyTorch's kernel level + native bf16 flags; emulate an AVX2-only CPU with
-``ATEN_CPU_CAPABILITY=avx2``). ``--no-prepack``: plain ``F.conv2d`` instead of the pre-packed oneDNN convolutions;
+``ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2``: the first is what ATen's kernels and ``dtype="auto"`` see,
+the second keeps oneDNN's convolutions off AVX-512/AMX). ``--no-prepack``: plain ``F.conv2d`` instead of the pre-packed oneDNN convolutions;
 ``--malloc-keep``: glibc keeps freed memory (mallopt), see ``_common.malloc_keep`` (the Animator sets it
 already, so this mostly matters for the official-style path); ``--cpu-time``: on a shared CPU, time by process
 CPU time / threads (column ``clock``).
