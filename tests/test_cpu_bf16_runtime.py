@@ -96,6 +96,7 @@ def test_animator_auto_and_describe(monkeypatch, tiny, source):
     for word in ("DaGAN", "64x64", "cpu", "bfloat16", "amx_bf16", "float32", "warp_occlusion ->", "pre-packed"):
         assert word in text, (word, text)
     assert len(text.splitlines()) >= 5
+    assert isinstance(a.malloc_keep, bool) and f"keeps freed memory (no fresh pages per frame): {a.malloc_keep}" in text
     _mock_cpu(monkeypatch, "AVX2", {"avx2"})
     a = Animator(tiny, source)
     assert a.dtype == torch.float32 and "float32" in a.describe()
@@ -123,7 +124,7 @@ def test_bf16_stream_close_to_float32_on_a_real_face(tiny, source, clip):
     assert bf16.prepared.kp["value"].dtype == torch.float32
     psnr = [_psnr(r, l) for r, l in zip(ref, low)]
     assert min(psnr) >= 40.0, psnr
-    # tensor frames in -> float32 tensors out, batched mode agrees with streaming
+    # the batched mode (depth and keypoints of 3 frames per call) is as close
     bf16.reset()
     batched = list(bf16.animate_video(clip, batch_size=3))
     assert min(_psnr(r, b) for r, b in zip(ref, batched)) >= 40.0
