@@ -1,7 +1,8 @@
 """End-to-end latency: ``dagan_fast.Animator`` against the official-style PyTorch path, same weights, same inputs.
 
-    python benchmarks/latency.py [--model dagan|dagan-spade|daganpp] [--device cpu|cuda] [--dtype fp32|fp16|bf16]
-                                 [--size 256] [--frames N] [--batch B] [--warmup W] [--paste-back]
+    python benchmarks/latency.py [--model dagan|dagan-spade|daganpp] [--device cpu|cuda]
+                                 [--dtype fp32|fp16|bf16|auto] [--size 256] [--frames N] [--batch B] [--warmup W]
+                                 [--threads T] [--no-prepack] [--malloc-keep] [--cpu-time] [--paste-back]
 
 Weights: random, non-trivial, calibrated official-layout weights (``tests/official_dagan.py``), written in the
 released file layout and loaded by ``DaGAN.from_official``: both paths run the very same numbers.
@@ -27,6 +28,15 @@ frames, synchronising on a GPU). Rows go to ``benchmarks/results/latency-daganpp
 (``dagan_fast.media.paste_back.PasteBack``, a 648x648 face window: resize + feathered blend of the window and a
 copy of the frame; the mask is computed once), and its share of the ``Animator.stream`` frame time.
 
+``--dtype``: the fast path's precision (``auto`` = ``Animator``'s default: bf16 on a CPU with AMX/AVX512-BF16);
+the CSV row records the dtype the Animator ran (``dtype``, with ``dtype_requested``) and the CPU capability
+(``cpu_capability``: PyTorch's kernel level + native bf16 flags; emulate an AVX2-only CPU with
+``ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2``: the first is what ATen's kernels and ``dtype="auto"`` see,
+the second keeps oneDNN's convolutions off AVX-512/AMX). ``--no-prepack``: plain ``F.conv2d`` instead of the pre-packed oneDNN convolutions;
+``--malloc-keep``: glibc keeps freed memory (mallopt), see ``_common.malloc_keep`` (the Animator sets it
+already, so this mostly matters for the official-style path); ``--cpu-time``: on a shared CPU, time by process
+CPU time / threads (column ``clock``).
+
 Per-frame times (p50, p95, max, FPS) after warm-up; CUDA events on a GPU. Prints a table, then the speed-up
 ratio as the last line, and appends a row to ``benchmarks/results/latency.csv`` with provenance.
 """
@@ -46,15 +56,31 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
 
-from _common import append_csv, device_name, versions  # noqa: E402
+from _common import append_csv, cpu_capability, device_name, malloc_keep, versions  # noqa: E402
+
+
+SHORT_DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64"}
 
 
 def percentile(xs, q):
     return float(np.percentile(np.asarray(xs), q))
 
 
+#: ``--cpu-time``: on the CPU, time by this process's CPU time divided by the thread count instead of wall time
+#: (a shared machine's other jobs then add little; OpenMP spin-waits still count).
+CLOCK = {"fn": time.perf_counter}
+
+
+def now() -> float:
+    return CLOCK["fn"]()
+
+
+def _cpu_seconds() -> float:
+    return time.process_time() / max(torch.get_num_threads(), 1)
+
+
 class Timer:
-    """Per-call wall time (ms), with CUDA events on a GPU."""
+    """Per-call wall time (ms), with CUDA events on a GPU (``--cpu-time``: CPU time per thread on the CPU)."""
 
     def __init__(self, device):
         self.device = device
@@ -67,9 +93,9 @@ class Timer:
             stop.record()
             stop.synchronize()
             return out, start.elapsed_time(stop)
-        t0 = time.perf_counter()
+        t0 = now()
         out = fn()
-        return out, (time.perf_counter() - t0) * 1e3
+        return out, (now() - t0) * 1e3
 
 
 def driving_clip(official, n, size):
@@ -91,8 +117,14 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", choices=("dagan", "dagan-spade", "daganpp"), default="dagan")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32",
-                        help="fast path precision (the official path is always fp32)")
+    parser.add_argument("--dtype", choices=("fp32", "fp16", "bf16", "auto"), default="fp32",
+                        help="fast path precision (the official path is always fp32); auto: the Animator's pick")
+    parser.add_argument("--no-prepack", action="store_true",
+                        help="fast path: F.conv2d instead of pre-packed oneDNN convolutions (Animator(prepack=False))")
+    parser.add_argument("--cpu-time", action="store_true",
+                        help="CPU device: time by process CPU time / threads instead of wall time (shared machines)")
+    parser.add_argument("--malloc-keep", action="store_true",
+                        help="glibc keeps freed memory in the heap (mallopt), no fresh-page faults per tensor")
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--frames", type=int, default=None, help="timed frames per path (default: 8 CPU, 100 GPU)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed frames first (default: 2 CPU, 10 GPU)")
@@ -118,7 +150,11 @@ def main(argv=None) -> int:
     gpu = device.type == "cuda"
     frames_n = args.frames or (100 if gpu else 8)
     warmup = args.warmup if args.warmup is not None else (10 if gpu else 2)
-    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "auto": "auto"}[args.dtype]
+    if args.cpu_time and not gpu:
+        CLOCK["fn"] = _cpu_seconds
+    if args.malloc_keep and not malloc_keep():
+        print("--malloc-keep: mallopt is not available here (not glibc); ignored", file=sys.stderr)
 
     try:
         import official_dagan as official
@@ -177,7 +213,8 @@ def main(argv=None) -> int:
 
     # ---------------- fast path: stream
     animator = Animator(model, source, device=device, dtype=dtype, compile=args.compile,
-                        fast_conv=args.fast_conv)
+                        fast_conv=args.fast_conv, prepack=False if args.no_prepack else None)
+    print(animator.describe(), flush=True)
     stream_ms = []
     it = animator.stream(iter(clip))
     outs_fast = []
@@ -219,11 +256,11 @@ def main(argv=None) -> int:
         timed = clip[warmup:warmup + frames_n]
         if gpu:
             torch.cuda.synchronize()
-        t0 = time.perf_counter()
+        t0 = now()
         n = sum(1 for _ in animator.animate_video(timed, batch_size=args.batch, progress=False))
         if gpu:
             torch.cuda.synchronize()
-        batch_fps = n / (time.perf_counter() - t0)
+        batch_fps = n / (now() - t0)
 
     def row(name, ms):
         return (f"{name:<28} {statistics.median(ms):10.1f} {percentile(ms, 95):10.1f} {max(ms):10.1f} "
@@ -231,11 +268,12 @@ def main(argv=None) -> int:
 
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print()
-    print(f"{args.model} {args.size}x{args.size}, {device_name(device)}, fast path {args.dtype}, "
-          f"{frames_n} timed frames after {warmup} warm-up, load average {load:.2f}")
+    ran = SHORT_DTYPES[animator.dtype]
+    print(f"{args.model} {args.size}x{args.size}, {device_name(device)}, capability {cpu_capability()}, fast path "
+          f"{ran} (--dtype {args.dtype}), {frames_n} timed frames after {warmup} warm-up, load average {load:.2f}")
     print(f"{'path':<28} {'p50 ms':>10} {'p95 ms':>10} {'max ms':>10} {'FPS':>8}")
     print(row("official-style (fp32 eager)", official_ms))
-    print(row(f"Animator.stream ({args.dtype}{', fast_conv' if args.fast_conv else ''})", stream_ms))
+    print(row(f"Animator.stream ({ran}{', fast_conv' if args.fast_conv else ''})", stream_ms))
     official_fps = 1000.0 / statistics.median(official_ms)
     ratio = statistics.median(official_ms) / statistics.median(stream_ms)
     if batch_fps is not None:
@@ -249,8 +287,10 @@ def main(argv=None) -> int:
     info = versions()
     append_csv(args.csv, [{
         "date": info["date"], "commit": info["commit"], "device": device_name(device), "torch": info["torch"],
-        "triton": info["triton"], "model": args.model, "size": args.size, "dtype": args.dtype,
-        "frames": frames_n, "warmup": warmup, "load_avg": f"{load:.2f}",
+        "triton": info["triton"], "model": args.model, "size": args.size, "dtype": ran,
+        "dtype_requested": args.dtype, "cpu_capability": cpu_capability(), "threads": torch.get_num_threads(),
+        "prepack": animator.prepack, "malloc_keep": args.malloc_keep, "frames": frames_n, "warmup": warmup,
+        "load_avg": f"{load:.2f}", "clock": "cpu" if CLOCK["fn"] is _cpu_seconds else "wall",
         "official_recompute_source": args.official_recompute_source,
         "official_p50_ms": f"{statistics.median(official_ms):.2f}", "official_p95_ms": f"{percentile(official_ms, 95):.2f}",
         "stream_p50_ms": f"{statistics.median(stream_ms):.2f}", "stream_p95_ms": f"{percentile(stream_ms, 95):.2f}",
@@ -287,12 +327,12 @@ class AttentionTimer:
     def _begin(self, module, inputs):
         if self.enabled:
             self._sync()
-            self._start = time.perf_counter()
+            self._start = now()
 
     def _end(self, module, inputs, output):
         if self.enabled:
             self._sync()
-            self.total_ms += (time.perf_counter() - self._start) * 1e3
+            self.total_ms += (now() - self._start) * 1e3
 
     def remove(self):
         for handle in self.handles:
@@ -344,7 +384,8 @@ def run_daganpp(args, official, device, dtype, frames_n, warmup) -> int:
 
     # ---------------- fast path
     animator = Animator(model, source, device=device, dtype=dtype, compile=args.compile,
-                        fast_conv=args.fast_conv)
+                        fast_conv=args.fast_conv, prepack=False if args.no_prepack else None)
+    print(animator.describe(), flush=True)
     stream_ms, outs_fast = [], []
     it = animator.stream(iter(clip))
     for i in tqdm(range(len(clip)), desc="Animator.stream", unit="frame"):
@@ -361,12 +402,12 @@ def run_daganpp(args, official, device, dtype, frames_n, warmup) -> int:
     it = animator.stream(iter(share_frames))
     next(it)                                                # reference frame, untimed
     hooks.enabled = True
-    t0 = time.perf_counter()
+    t0 = now()
     for _ in it:
         pass
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    share = hooks.total_ms / ((time.perf_counter() - t0) * 1e3)
+    share = hooks.total_ms / ((now() - t0) * 1e3)
     hooks.remove()
 
     batch_fps = None
@@ -376,20 +417,22 @@ def run_daganpp(args, official, device, dtype, frames_n, warmup) -> int:
         animator.reset()
         if device.type == "cuda":
             torch.cuda.synchronize()
-        t0 = time.perf_counter()
+        t0 = now()
         n = sum(1 for _ in animator.animate_video(clip[warmup:warmup + frames_n], batch_size=args.batch))
         if device.type == "cuda":
             torch.cuda.synchronize()
-        batch_fps = n / (time.perf_counter() - t0)
+        batch_fps = n / (now() - t0)
 
     p50_plain, p50_fast = statistics.median(plain_ms), statistics.median(stream_ms)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print()
-    print(f"daganpp {args.size}x{args.size}, {device_name(device)}, fast path {args.dtype}, {frames_n} timed frames "
+    ran = SHORT_DTYPES[animator.dtype]
+    print(f"daganpp {args.size}x{args.size}, {device_name(device)}, capability {cpu_capability()}, fast path {ran} "
+          f"(--dtype {args.dtype}), {frames_n} timed frames "
           f"after {warmup} warm-up, load average {load:.2f}; baseline attention materialised per layer "
           f"(finest first): {materialised}")
     print(f"{'path':<28} {'p50 ms':>10} {'p95 ms':>10} {'max ms':>10} {'FPS':>8}")
-    for name, ms in (("plain PyTorch (fp32)", plain_ms), (f"Animator.stream ({args.dtype})", stream_ms)):
+    for name, ms in (("plain PyTorch (fp32)", plain_ms), (f"Animator.stream ({ran})", stream_ms)):
         print(f"{name:<28} {statistics.median(ms):10.1f} {percentile(ms, 95):10.1f} {max(ms):10.1f} "
               f"{1000.0 / statistics.median(ms):8.2f}")
     if batch_fps is not None:
@@ -399,7 +442,10 @@ def run_daganpp(args, official, device, dtype, frames_n, warmup) -> int:
     info = versions()
     append_csv(args.csv, [{
         "date": info["date"], "commit": info["commit"], "device": device_name(device), "torch": info["torch"],
-        "triton": info["triton"], "model": "daganpp", "size": args.size, "dtype": args.dtype, "frames": frames_n,
+        "triton": info["triton"], "model": "daganpp", "size": args.size, "dtype": ran, "dtype_requested": args.dtype,
+        "cpu_capability": cpu_capability(), "threads": torch.get_num_threads(), "prepack": animator.prepack,
+        "malloc_keep": args.malloc_keep, "clock": "cpu" if CLOCK["fn"] is _cpu_seconds else "wall",
+        "frames": frames_n,
         "warmup": warmup, "load_avg": f"{load:.2f}",
         "materialised_layers": "".join("1" if m else "0" for m in materialised),
         "plain_p50_ms": f"{p50_plain:.2f}", "plain_p95_ms": f"{percentile(plain_ms, 95):.2f}",

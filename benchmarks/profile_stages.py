@@ -1,6 +1,7 @@
 """Per-stage CPU profile of ``Animator``: where a frame's time goes, and how far each stage is from the conv floor.
 
     python benchmarks/profile_stages.py [--size 256] [--batch 4] [--threads 1] [--repeats 3] [--malloc-keep]
+                                        [--dtype fp32|bf16|auto] [--no-prepack]
 
 Model: DaGAN with the official configuration and the calibrated random weights of ``tests/official_dagan.py``
 (the weights of ``benchmarks/latency.py``); timing does not depend on the values, only the shapes.
@@ -11,8 +12,11 @@ generator front, attention (projections + the attention kernel), bottleneck res-
 the final 7x7 conv, with forward hooks (best of ``--repeats`` runs of the same frames, CPU time of this process
 by default: ``time.process_time``, robust against other jobs on the machine; wall time as well). FLOPs of each
 stage come from ``torch.utils.flop_counter`` (convolutions, matmuls) plus the attention kernel's
-2 N^2 (Dqk + Dv) per image, which the counter cannot see inside the custom op. The "peak" row is one large
-fp32 conv2d (the bottleneck's 256->256 3x3 at 64x64, channels-last): what this CPU sustains per thread.
+2 N^2 (Dqk + Dv) per image, which the counter cannot see inside the custom op. The "peak" is one large
+conv2d in the profiled dtype (the bottleneck's 256->256 3x3 at 64x64, channels-last, batch 1): what this CPU
+sustains per thread in that dtype (bf16: oneDNN's AMX/AVX512-BF16 kernels); each stage's "%pk" column is its
+GFLOP/s as a share of it. ``--dtype`` (default fp32): the Animator's precision; ``--no-prepack``: plain
+F.conv2d instead of the pre-packed oneDNN convolutions.
 
 ``--malloc-keep``: tell glibc to keep freed memory in the heap (mallopt M_MMAP_THRESHOLD / M_TRIM_THRESHOLD), so
 large tensors reuse pages instead of faulting fresh ones in (expensive on some VMs); reported as its own lever.
@@ -20,7 +24,6 @@ large tensors reuse pages instead of faulting fresh ones in (expensive on some V
 from __future__ import annotations
 
 import argparse
-import ctypes
 import os
 import sys
 import tempfile
@@ -48,14 +51,7 @@ STAGES: List[Tuple[str, Tuple[str, ...]]] = [
 GENERATOR = "generator"
 
 
-def malloc_keep() -> bool:
-    """Keeps freed memory in glibc's heap: large allocations stop being mmap'ed and unmapped per tensor."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return False
-    m_trim_threshold, m_mmap_threshold = -1, -3
-    return bool(libc.mallopt(m_mmap_threshold, 1 << 30)) and bool(libc.mallopt(m_trim_threshold, (1 << 31) - 1))
+from _common import cpu_capability, malloc_keep  # noqa: E402
 
 
 class StageClock:
@@ -137,14 +133,15 @@ def stage_flops(animator, frames: List, batch: int) -> Dict[str, float]:
     return out
 
 
-def peak_conv(repeats: int) -> Tuple[float, float]:
-    """(ms, GFLOP/s) of one fp32 256->256 3x3 conv at 64x64, channels-last, best of ``repeats`` (CPU time)."""
-    x = torch.randn(1, 256, 64, 64).contiguous(memory_format=torch.channels_last)
-    w = torch.randn(256, 256, 3, 3).contiguous(memory_format=torch.channels_last)
-    b = torch.randn(256)
+def peak_conv(repeats: int, dtype: torch.dtype = torch.float32) -> Tuple[float, float]:
+    """(CPU ms, GFLOP/s per thread) of one 256->256 3x3 conv at 64x64 in ``dtype``, channels-last, best of
+    ``repeats`` (process CPU time, summed over threads)."""
+    x = torch.randn(1, 256, 64, 64).to(dtype).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(256, 256, 3, 3).to(dtype).contiguous(memory_format=torch.channels_last)
+    b = torch.randn(256).to(dtype)
     with torch.inference_mode():
         F.conv2d(x, w, b, padding=1)
-        best = min(_timed(lambda: F.conv2d(x, w, b, padding=1))[0] for _ in range(repeats))
+        best = min(_timed(lambda: F.conv2d(x, w, b, padding=1))[0] for _ in range(max(repeats, 5)))
     return best * 1e3, 2 * 256 * 256 * 9 * 64 * 64 / best / 1e9
 
 
@@ -180,6 +177,8 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--malloc-keep", action="store_true", help="glibc keeps freed memory (see the docstring)")
+    parser.add_argument("--dtype", choices=("fp32", "bf16", "auto"), default="fp32", help="the Animator's precision")
+    parser.add_argument("--no-prepack", action="store_true", help="F.conv2d instead of pre-packed convolutions")
     args = parser.parse_args(argv)
     if args.batch < 1 or args.repeats < 1 or args.threads < 1:
         parser.error("--batch, --repeats and --threads must be >= 1")
@@ -197,21 +196,30 @@ def main(argv=None) -> int:
     paths, _ = official.save_official_layout(tmp, "plain", 18, seed=0, models=models)
     model = DaGAN.from_official(str(paths["checkpoint"]), str(paths["depth_encoder"]), str(paths["depth_decoder"]))
     source, clip = driving_clip(official, 1 + args.batch, args.size)
-    animator = Animator(model, source)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "auto": "auto"}[args.dtype]
+    animator = Animator(model, source, dtype=dtype,
+                        prepack=False if args.no_prepack else None)
+    print(animator.describe(), flush=True)
     list(animator.animate_video(clip, batch_size=args.batch))          # warm-up (oneDNN primitives)
 
-    flops = stage_flops(animator, clip, args.batch)
+    # FlopCounterMode cannot see oneDNN's packed-weight op: count on an unpacked twin (same shapes, same FLOPs)
+    counting = Animator(model, source, dtype=animator.dtype, prepack=False) if animator.prepack else animator
+    flops = stage_flops(counting, clip, args.batch)
+    del counting
     clock = StageClock(animator.model)
     results = {}
     for name, batch in (("stream", 1), (f"batch {args.batch}", args.batch)):
         results[name] = profile_mode(animator, clip, batch, args.repeats, clock)
     clock.remove()
-    peak_ms, peak_gflops = peak_conv(args.repeats)
+    peak_ms, peak_gflops = peak_conv(args.repeats, animator.dtype)
 
     names = list(results)
-    print(f"DaGAN {args.size}x{args.size} fp32, {args.threads} thread(s), CPU ms per frame (wall in brackets), "
-          f"best of {args.repeats}; malloc-keep={args.malloc_keep}")
-    header = f"{'stage':<24} {'GFLOP':>7}" + "".join(f" {n + ' ms':>20} {'GFLOP/s':>8}" for n in names)
+    dname = str(animator.dtype).replace("torch.", "")
+    print(f"DaGAN {args.size}x{args.size} {dname}, {args.threads} thread(s), capability {cpu_capability()}, CPU ms "
+          f"per frame (wall in brackets), best of {args.repeats}; malloc-keep={args.malloc_keep}, "
+          f"prepack={animator.prepack}; %pk = GFLOP/s per thread against the {dname} peak conv "
+          f"({peak_gflops:.0f} GFLOP/s per thread)")
+    header = f"{'stage':<24} {'GFLOP':>7}" + "".join(f" {n + ' ms':>20} {'GFLOP/s':>8} {'%pk':>4}" for n in names)
     print(header)
     rows = [stage for stage, _ in STAGES] + ["generator (total)"]
     for stage in rows:
@@ -219,7 +227,8 @@ def main(argv=None) -> int:
         for n in names:
             cpu, wall = results[n][0].get(stage, (0.0, 0.0))
             rate = flops.get(stage, 0.0) / cpu / 1e9 if cpu > 0 else float("nan")
-            line += f" {cpu * 1e3:9.1f} [{wall * 1e3:8.1f}] {rate:8.1f}"
+            share = 100 * rate / peak_gflops
+            line += f" {cpu * 1e3:9.1f} [{wall * 1e3:8.1f}] {rate:8.1f} {share:4.0f}"
         print(line)
     for n in names:
         stages = results[n][0]
@@ -232,7 +241,7 @@ def main(argv=None) -> int:
               f"generator {1e3 * (gen_cpu - named):.1f} ms; outside the networks (convert, motion, output) "
               f"{1e3 * (cpu - gen_cpu - analysed):.1f} ms")
     total = flops["generator (total)"] + flops["depth (driving)"] + flops["keypoints (driving)"]
-    print(f"peak: one 256->256 3x3 conv at 64x64: {peak_ms:.1f} ms = {peak_gflops:.1f} GFLOP/s per thread; "
+    print(f"peak: one {dname} 256->256 3x3 conv at 64x64: {peak_ms:.1f} ms = {peak_gflops:.1f} GFLOP/s per thread; "
           f"the per-frame work ({total / 1e9:.1f} GFLOP) at that rate: {total / peak_gflops / 1e6:.0f} ms "
           f"per thread-frame")
     return 0

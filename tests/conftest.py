@@ -11,6 +11,10 @@ if not torch.cuda.is_available():
     # only where a test asks for backend="triton" (automatic dispatch never picks it for CPU tensors).
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# Animator(dtype="auto") picks bfloat16 on AMX/AVX512-BF16 CPUs; the suite's parity tests compare float32
+# paths, so "auto" means float32 here (tests/test_cpu_bf16_runtime.py checks the real pick with this unset).
+os.environ.setdefault("DAGAN_FAST_DTYPE", "float32")
+
 import dagan_fast
 
 

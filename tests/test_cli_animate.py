@@ -82,7 +82,7 @@ def test_animate_errors(files, capsys):
                    "--checkpoint", files["model"], "--size", str(SIZE), "--crop"])
     err = capsys.readouterr().err
     assert rc == 2 and "no face found" in err
-    # fp16 on the CPU, bad size, missing model file
+    # fp16 on the CPU (bf16 runs there), bad size, missing model file
     rc = _animate(files, out, "--dtype", "fp16")
     assert rc == 2 and "needs --device cuda" in capsys.readouterr().err
     rc = cli.main(["animate", "--source", files["source"], "--driving", files["driving"], "--out", str(out),

@@ -112,8 +112,9 @@ def _add_model_options(parser) -> None:
     parser.add_argument("--depth-encoder", metavar="ENCODER_PTH", help="official depth encoder (encoder.pth)")
     parser.add_argument("--depth-decoder", metavar="DEPTH_PTH", help="official depth decoder (depth.pth)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: %(default)s)")
-    parser.add_argument("--dtype", choices=sorted(_DTYPES), default="fp32",
-                        help="compute precision; fp16/bf16 need --device cuda (default: %(default)s)")
+    parser.add_argument("--dtype", choices=["auto"] + sorted(_DTYPES), default="auto",
+                        help="compute precision: auto = bf16 on a CPU with AMX/AVX512-BF16, else fp32; bf16 runs on "
+                             "the CPU and CUDA, fp16 needs --device cuda (default: %(default)s)")
     parser.add_argument("--size", type=_positive_int(64, 4096, "--size"), default=None, metavar="S",
                         help="side the model runs at, a multiple of the model's size_multiple (default: the size the "
                              "model file records it was trained at, else 256)")
@@ -176,16 +177,19 @@ def _make_animator(args, model, size: int, source_image, reference: str = "first
         raise CommandError(f"--device {args.device}: CUDA is not available here; use --device cpu")
     if device.type not in ("cpu", "cuda"):
         raise CommandError(f"--device {args.device}: only cpu and cuda are supported")
-    dtype = getattr(torch, _DTYPES[args.dtype])
-    if dtype in (torch.float16, torch.bfloat16) and device.type != "cuda":
-        raise CommandError(f"--dtype {args.dtype} needs --device cuda; use --dtype fp32 on the CPU")
+    dtype = "auto" if args.dtype == "auto" else getattr(torch, _DTYPES[args.dtype])
+    if dtype == torch.float16 and device.type != "cuda":
+        raise CommandError(f"--dtype {args.dtype} needs --device cuda; use --dtype bf16, fp32 or auto on the CPU")
     smoothing = {"freq": getattr(args, "_fps", None)} if args.smooth else None
     try:
-        return Animator(model, source_image, device=device, dtype=dtype, relative=args.relative,
-                        adapt_scale=args.adapt_scale, reference=reference, smoothing=smoothing, size=size,
-                        fast_conv=args.fast_conv, source_box=source_box, paste_back=paste_back)
+        animator = Animator(model, source_image, device=device, dtype=dtype, relative=args.relative,
+                            adapt_scale=args.adapt_scale, reference=reference, smoothing=smoothing, size=size,
+                            fast_conv=args.fast_conv, source_box=source_box, paste_back=paste_back)
     except (CheckpointError, FileNotFoundError, ValueError, TypeError) as exc:
         raise CommandError(str(exc)) from None
+    print(f"{type(animator.model).__name__} {animator.size}x{animator.size} on {animator.device}, "
+          f"{str(animator.dtype).replace('torch.', '')} ({animator.dtype_reason})", flush=True)
+    return animator
 
 
 def _add_animate(subparsers) -> None:

@@ -13,6 +13,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .packed_conv import conv_relu
+
 Tensor = torch.Tensor
 
 
@@ -66,6 +68,8 @@ class SameBlock2d(_ConvNorm):
         self.norm = nn.BatchNorm2d(out_features, affine=True)
 
     def forward(self, x: Tensor) -> Tensor:
+        if isinstance(self.norm, nn.Identity):             # folded: the ReLU fuses into a packed conv
+            return conv_relu(self.conv, x)
         return F.relu(self.norm(self.conv(x)), inplace=True)
 
 
@@ -78,6 +82,8 @@ class DownBlock2d(_ConvNorm):
         self.norm = nn.BatchNorm2d(out_features, affine=True)
 
     def forward(self, x: Tensor) -> Tensor:
+        if isinstance(self.norm, nn.Identity):
+            return F.avg_pool2d(conv_relu(self.conv, x), 2)
         return F.avg_pool2d(F.relu(self.norm(self.conv(x)), inplace=True), 2)
 
 
@@ -91,6 +97,8 @@ class UpBlock2d(_ConvNorm):
 
     def forward(self, x: Tensor) -> Tensor:
         x = F.interpolate(x, scale_factor=2.0, mode="nearest")
+        if isinstance(self.norm, nn.Identity):
+            return conv_relu(self.conv, x)
         return F.relu(self.norm(self.conv(x)), inplace=True)
 
 
@@ -106,7 +114,10 @@ class ResBlock2d(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         out = F.relu(self.norm1(x), inplace=True)
-        out = F.relu(self.norm2(self.conv1(out)), inplace=True)
+        if isinstance(self.norm2, nn.Identity):
+            out = conv_relu(self.conv1, out)
+        else:
+            out = F.relu(self.norm2(self.conv1(out)), inplace=True)
         return self.conv2(out) + x
 
     def fold_batchnorm(self) -> None:

@@ -22,6 +22,8 @@ class DenseMotionNetwork(nn.Module):
     source_image (B,C,H,W), kp dicts {"value": (B,K,2), "jacobian": (B,K,2,2) (optional)} ->
     {"sparse_deformed": (B,K+1,C,h,w), "mask": (B,K+1,h,w) softmax, "deformation": (B,h,w,2),
     "occlusion_map": (B,1,h,w) in (0,1)} with (h,w) = (H,W) * scale_factor (64x64 at 256).
+    The keypoint dicts may be float32 while the network runs float16/bfloat16 (mixed precision): the motion
+    math and the mask softmax then run in float32 and "deformation" comes back in the network's dtype.
     ``official_rounding = True`` computes the motion stage in the authors' float arithmetic (see
     ``official_motion``) instead of the fused ops: slower, reproduces their float32 outputs to ~1e-5.
     """
@@ -57,23 +59,31 @@ class DenseMotionNetwork(nn.Module):
         B, C, h, w = source_small.shape
         K = self.num_kp
         jac_s, jac_d = kp_source.get("jacobian"), kp_driving.get("jacobian")
+        # Mixed precision (the Animator's float16/bfloat16 mode): the keypoints and Jacobians arrive in float32;
+        # the Taylor motion, the heatmaps and the mask softmax run in their dtype, the hourglass in its own.
+        motion_dtype, net_dtype = kp_source["value"].dtype, self.mask.weight.dtype
+        small = source_small if source_small.dtype == motion_dtype else source_small.to(motion_dtype)
         if self.official_rounding:
-            inputs, motions = official_motion.sparse_motion_inputs(source_small, kp_source["value"], jac_s,
+            inputs, motions = official_motion.sparse_motion_inputs(small, kp_source["value"], jac_s,
                                                                    kp_driving["value"], jac_d, self.kp_variance)
         else:
-            inputs = ops.sparse_motion_inputs(source_small, kp_source["value"], jac_s, kp_driving["value"], jac_d,
+            inputs = ops.sparse_motion_inputs(small, kp_source["value"], jac_s, kp_driving["value"], jac_d,
                                               self.kp_variance)
-        prediction = self.hourglass(inputs)
+        prediction = self.hourglass(inputs if inputs.dtype == net_dtype else inputs.to(net_dtype))
         if self.fused_head_weight is not None:
             maps = F.conv2d(prediction, self.fused_head_weight, self.fused_head_bias, padding=self.mask.padding)
             mask_logits, occlusion_logits = maps[:, :K + 1].contiguous(), maps[:, K + 1:]
         else:
             mask_logits = self.mask(prediction)
             occlusion_logits = self.occlusion(prediction) if self.occlusion is not None else None
+        if mask_logits.dtype != motion_dtype:
+            mask_logits = mask_logits.to(motion_dtype)
         if self.official_rounding:
             deformation, mask = official_motion.dense_motion(mask_logits, motions)
         else:
             deformation, mask = ops.dense_motion(mask_logits, kp_source["value"], jac_s, kp_driving["value"], jac_d)
+        if deformation.dtype != net_dtype:        # the warps read the features' dtype
+            deformation = deformation.to(net_dtype)
         out = {
             "sparse_deformed": inputs.view(B, K + 1, C + 1, h, w)[:, :, 1:],
             "mask": mask,

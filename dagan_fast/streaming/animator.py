@@ -39,10 +39,14 @@ the reference frame and each frame is added to the source keypoints, Jacobians l
 * :meth:`Animator.reset_reference` re-anchors: the next frame becomes the reference (the avatarify "X
   key"); it also ends a "best" search still running.
 
-Devices and precision: float32 by default (CPU and GPU); ``dtype=torch.float64`` converts the whole
-model. On a CUDA device ``dtype=torch.float16``/``torch.bfloat16`` runs the depth network and the
-generator (convolutions, attention) with low-precision weights and activations while the keypoint
-detector and the motion transfer stay float32. On CUDA the per-frame work is also captured in CUDA
+Devices and precision: ``dtype="auto"`` by default: bfloat16 on a CPU with AMX or AVX512-BF16, float32 on
+other CPUs and on CUDA (``streaming.precision``; ``DAGAN_FAST_DTYPE`` overrides the pick);
+``dtype=torch.float64`` converts the whole model. ``dtype=torch.bfloat16`` (CPU or CUDA) or
+``torch.float16`` (CUDA) runs the depth network and the generator (convolutions, normalisations,
+attention) with low-precision weights and activations while the keypoint detector, the Jacobians, the
+relative-motion transfer, the Taylor motion and the mask softmax stay float32 (``models.dense_motion``).
+On the CPU (float32 and bfloat16) the convolutions run channels_last through oneDNN with their weights
+packed once (``models.packed_conv``). On CUDA the per-frame work is also captured in CUDA
 graphs (one pair per input shape; ``cuda_graphs=False`` to disable), uploads go through pinned host
 buffers (``non_blocking``), ``animate_video`` downloads asynchronously and overlaps the host work of the
 next batch with the GPU, and ``compile=True`` wraps the per-frame functions in ``torch.compile``.
@@ -53,6 +57,7 @@ import copy
 import itertools
 import math
 import os
+import sys
 from collections import deque
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple, Union
 
@@ -62,7 +67,7 @@ import torch.nn as nn
 
 from ..ops._validate import skip_value_checks
 
-__all__ = ["Animator", "DEFAULT_SIZE", "DEFAULT_BEST_FRAMES", "MODEL_REQUIRED_MESSAGE"]
+__all__ = ["Animator", "DEFAULT_SIZE", "DEFAULT_BEST_FRAMES", "MODEL_REQUIRED_MESSAGE", "keep_freed_memory"]
 
 Tensor = torch.Tensor
 KP = Dict[str, Tensor]
@@ -117,6 +122,36 @@ def load_model(model, *, depth_encoder=None, depth_decoder=None, map_location="c
                              "(or convert once with `dagan-fast convert` and pass the .safetensors file)")
         return DaGAN.from_official(path, depth_encoder, depth_decoder, map_location=map_location)
     return checkpoints.load(path, map_location=map_location)  # DaGAN or DaGAN++, as the file says
+
+
+_MALLOC_KEPT: Optional[bool] = None
+
+
+def keep_freed_memory() -> bool:
+    """Stops glibc from returning large freed blocks to the kernel, once per process (CPU animators call it).
+
+    By default glibc serves allocations above its mmap threshold (dynamic, at most 32 MiB) with fresh
+    ``mmap``s and unmaps them on free, so every frame faults its large activations in again page by page
+    (float32 DaGAN 256: 18401 minor faults = 72 MiB per streamed frame, measured with getrusage; bfloat16
+    halves the tensors below the threshold: ~0). ``mallopt(M_MMAP_THRESHOLD, 1 GiB)`` and
+    ``mallopt(M_TRIM_THRESHOLD, 2 GiB - 1)`` keep those blocks in the heap for reuse: 0 faults per frame, ~6%
+    less CPU time per float32 frame on this project's VM; the process keeps its peak heap instead of
+    shrinking between frames. ``DAGAN_FAST_MALLOC_KEEP=0`` leaves the allocator alone. Returns whether the
+    setting is in effect (False off glibc)."""
+    global _MALLOC_KEPT
+    if _MALLOC_KEPT is None:
+        _MALLOC_KEPT = False
+        if os.environ.get("DAGAN_FAST_MALLOC_KEEP", "1").strip() != "0" and sys.platform.startswith("linux"):
+            import ctypes
+
+            try:
+                libc = ctypes.CDLL("libc.so.6")
+                m_trim_threshold, m_mmap_threshold = -1, -3
+                _MALLOC_KEPT = bool(libc.mallopt(m_mmap_threshold, 1 << 30)) and \
+                    bool(libc.mallopt(m_trim_threshold, (1 << 31) - 1))
+            except (OSError, AttributeError):
+                _MALLOC_KEPT = False
+    return _MALLOC_KEPT
 
 
 def _make_smoother(smoothing, fps: Optional[float]):
@@ -211,8 +246,15 @@ class Animator:
     ``size``: the side the model runs at, a multiple of ``model.size_multiple`` (128 for DaGAN); default:
     the side of a float-tensor source that already is a valid (1, 3, S, S), else the size the model file
     records it was trained at (``model.image_size``), else 256.
-    ``device``: default the model's device (the CPU for a path). ``dtype``: float32 (default), float64,
-    or on CUDA float16/bfloat16 (keypoint detector kept in float32).
+    ``device``: default the model's device (the CPU for a path). ``dtype``: "auto" (default: bfloat16 on a CPU
+    with AMX or AVX512-BF16, float32 elsewhere, see ``streaming.precision``), torch.float32 (the float32 path),
+    torch.bfloat16 (CPU or CUDA), torch.float16 (CUDA), torch.float64, or those names as strings ("fp32",
+    "bf16", ...). In float16/bfloat16 the keypoint detector, the Jacobians, the Taylor motion and the mask
+    softmax stay float32. ``dtype_reason`` and :meth:`describe` say what was picked and why.
+    ``prepack`` (default: on for CPU float32/bfloat16 with ``optimize``): oneDNN convolutions with weights
+    packed once (``models.packed_conv``; the ReLU after a folded BatchNorm fused in). On the CPU the first
+    Animator also tells glibc to keep freed memory for reuse (``keep_freed_memory``; no fresh-page faults
+    per frame; ``DAGAN_FAST_MALLOC_KEEP=0`` to leave the allocator alone).
     ``relative`` (default True): relative motion against the reference frame (False: the driving
     keypoints are used as they are). ``adapt_scale``: scale the motion by sqrt(source hull area /
     reference hull area). ``reference``: "first", an int frame index, or "best" (``best_frames`` frames).
@@ -237,12 +279,13 @@ class Animator:
     kp dicts with (1,K,2)/(1,K,2,2) tensors), ``frames_seen``.
     """
 
-    def __init__(self, model, source, *, device=None, dtype: Optional[torch.dtype] = None, relative: bool = True,
+    def __init__(self, model, source, *, device=None, dtype: Union[None, str, torch.dtype] = "auto",
+                 relative: bool = True,
                  adapt_scale: bool = False, reference: Union[str, int] = "first", smoothing=None,
                  face_crop: bool = False, size: Optional[int] = None, best_frames: int = DEFAULT_BEST_FRAMES,
                  fps: Optional[float] = None, optimize: bool = True, compile: bool = False,
-                 cuda_graphs: Optional[bool] = None, fast_conv: bool = False, depth_encoder=None, depth_decoder=None,
-                 paste_back: bool = False, source_box=None):
+                 cuda_graphs: Optional[bool] = None, fast_conv: bool = False, prepack: Optional[bool] = None,
+                 depth_encoder=None, depth_decoder=None, paste_back: bool = False, source_box=None):
         loaded = load_model(model, depth_encoder=depth_encoder, depth_decoder=depth_decoder)
         for attr in ("depth", "kp_detector", "generator", "size_multiple"):
             if not hasattr(loaded, attr):
@@ -256,13 +299,9 @@ class Animator:
         self.device = torch.device(device) if device is not None else param.device
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"Animator: device={device!r} but CUDA is not available here; use device='cpu'")
-        dtype = torch.float32 if dtype is None else dtype
-        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-            raise TypeError(f"Animator: dtype must be a floating torch.dtype (torch.float32, torch.float16, "
-                            f"torch.bfloat16, torch.float64), got {dtype!r}")
-        if dtype in _LOW_PRECISION and self.device.type != "cuda":
-            raise ValueError(f"Animator: dtype={dtype} runs on a CUDA device only (device is {self.device}); "
-                             "use float32 on the CPU")
+        from .precision import resolve_dtype
+
+        dtype, self.dtype_reason = resolve_dtype(dtype, self.device)
         self.dtype = dtype
         kp_dtype = torch.float64 if dtype == torch.float64 else torch.float32
 
@@ -286,6 +325,24 @@ class Animator:
                 sub = getattr(loaded, name, None)
                 if sub is not None:
                     sub.to(dtype)
+        # oneDNN weight prepacking (models.packed_conv): default on for CPU float32/bfloat16 inference of a
+        # folded model (NNPACK's fast_conv replaces it where asked for)
+        cpu_onednn = self.device.type == "cpu" and dtype in (torch.float32, torch.bfloat16) and not fast_conv
+        if prepack is None:
+            prepack = cpu_onednn and (optimize or getattr(loaded, "inference_only", False))
+        elif prepack and not cpu_onednn:
+            raise ValueError(f"Animator: prepack=True packs oneDNN CPU convolutions in float32/bfloat16 (device "
+                             f"{self.device}, dtype {dtype}, fast_conv={fast_conv}); drop it here")
+        self.prepack = bool(prepack)
+        if self.prepack:
+            from ..models.packed_conv import packed_convolutions_available, use_packed_convolutions
+            if packed_convolutions_available():
+                if not owned and not needs_copy:
+                    loaded = copy.deepcopy(loaded)
+                    needs_copy = True
+                use_packed_convolutions(loaded)
+            else:
+                self.prepack = False
         if fast_conv:
             from ..models.fast_conv import use_fast_convolutions
             try:
@@ -294,6 +351,8 @@ class Animator:
                 raise ValueError(f"Animator: {exc}") from None
         self.model = loaded
         self.kp_dtype = kp_dtype
+        # large per-frame activations reuse heap pages instead of fresh mmaps (see keep_freed_memory)
+        self.malloc_keep = keep_freed_memory() if self.device.type == "cpu" else False
 
         # ---- options
         if reference not in ("first", "best") and not (isinstance(reference, (int, np.integer))
@@ -511,10 +570,12 @@ class Animator:
     def _generate_eager(self, value: Tensor, jacobian: Tensor, depth: Tensor) -> Tuple[Tensor]:
         """kp_norm value (B,K,2), jacobian (B,K,2,2), driving depth (B,1,S,S) -> (prediction (B,3,S,S),)."""
         p = self.prepared
-        kp = {"value": value.to(self.dtype)}
+        # keypoints and Jacobians stay in kp_dtype (float32 in the float16/bfloat16 modes): the dense motion
+        # network computes the Taylor motion and the mask softmax in their dtype (models.dense_motion)
+        kp = {"value": value}
         if jacobian.numel():
-            kp["jacobian"] = jacobian.to(self.dtype)
-        kp_source = {k: v.to(self.dtype) for k, v in p.kp.items()}
+            kp["jacobian"] = jacobian
+        kp_source = p.kp
         out = self.model.generator(None, kp_driving=kp, kp_source=kp_source, source_depth=p.depth,
                                    driving_depth=depth, source_features=p.features)
         return (out["prediction"],)
@@ -708,6 +769,46 @@ class Animator:
         if not outs:
             raise ValueError(f"Animator: reference={self.reference}: the output of this frame waits for that frame")
         return outs[0]
+
+    def backends(self) -> Dict[str, str]:
+        """Which ``dagan_fast.ops`` backend each op dispatches to for this animator's tensors: the motion ops
+        take ``kp_dtype`` (float32 in the low-precision modes), the warp and the attention ``dtype``."""
+        from ..ops._backends import select_backend
+
+        chosen = {}
+        for op, dtype in (("sparse_motion_inputs", self.kp_dtype), ("dense_motion", self.kp_dtype),
+                          ("warp_occlusion", self.dtype), ("cross_modal_attention", self.dtype)):
+            probe = torch.zeros(1, 1, 2, 2, dtype=dtype, device=self.device)
+            try:
+                chosen[op] = select_backend(op, [probe]).name
+            except Exception as exc:  # reported, not fatal
+                chosen[op] = f"none ({str(exc).splitlines()[0]})"
+        return chosen
+
+    def describe(self) -> str:
+        """A short multi-line text: model, size, device, compute dtype and why, convolution path, op backends."""
+        model = self.model
+        params = sum(p.numel() for p in model.parameters())
+        kind = getattr(model, "config", {}).get("generator") if isinstance(getattr(model, "config", None), dict) \
+            else None
+        conv = ("oneDNN, weights pre-packed" if self.prepack else
+                "NNPACK (fast_conv)" if any(type(m).__name__ == "FastConv2d" for m in model.modules()) else
+                "cuDNN" if self.device.type == "cuda" else "oneDNN (F.conv2d)")
+        low = self.dtype in _LOW_PRECISION
+        lines = [
+            f"model: {type(model).__name__}{f' ({kind} generator)' if kind else ''}, {params / 1e6:.2f}M parameters",
+            f"size: {self.size}x{self.size}",
+            f"device: {self.device}" + (f" (capability {torch.backends.cpu.get_cpu_capability()}, "
+                                        f"{torch.get_num_threads()} threads)" if self.device.type == "cpu" else ""),
+            f"dtype: {str(self.dtype).replace('torch.', '')} ({self.dtype_reason})"
+            + ("; keypoints, Jacobians, Taylor motion and mask softmax in float32" if low else ""),
+            f"convolutions: {conv}" + (", channels_last" if self.device.type == "cpu" and conv.startswith("oneDNN")
+                                       else ""),
+            *([f"allocator: glibc keeps freed memory (no fresh pages per frame): {self.malloc_keep}"]
+              if self.device.type == "cpu" else []),
+            "ops: " + ", ".join(f"{op} -> {name}" for op, name in self.backends().items()),
+        ]
+        return "\n".join(lines)
 
     def __repr__(self) -> str:
         return (f"Animator({type(self.model).__name__}, size={self.size}, device={self.device}, dtype={self.dtype}, "
