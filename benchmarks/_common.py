@@ -19,15 +19,6 @@ def device_name(device: torch.device) -> str:
     return f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
 
 
-def cpu_capability() -> str:
-    """PyTorch's CPU kernel level here and the native bfloat16 flags, e.g. "AVX512+amx_bf16+avx512_bf16"
-    (``ATEN_CPU_CAPABILITY=avx2`` shows as AVX2)."""
-    from dagan_fast.streaming.precision import _cpu_flags
-
-    flags = [f for f in ("amx_bf16", "avx512_bf16") if f in _cpu_flags()]
-    return "+".join([torch.backends.cpu.get_cpu_capability()] + flags)
-
-
 def malloc_keep() -> bool:
     """Keeps freed memory in glibc's heap (mallopt M_MMAP_THRESHOLD = 1 GiB, M_TRIM_THRESHOLD = 2 GiB - 1):
     large tensors are then carved from the heap and reuse pages instead of being mmap'ed fresh (and faulted

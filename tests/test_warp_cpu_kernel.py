@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from dagan_fast.ops import warp_occlusion
 from conftest import compiled_backends_for

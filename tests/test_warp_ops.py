@@ -8,7 +8,7 @@ import torch.nn.functional as F
 import dagan_fast
 from dagan_fast.ops import _backends
 from dagan_fast.nn import FusedWarp
-from dagan_fast.ops import BackendError, reference, warp_occlusion
+from dagan_fast.ops import BackendError, warp_occlusion
 from conftest import backends_for, compiled_backends_for, gpu
 from _tolerance import WARP_GRADS, assert_warp_accurate
 

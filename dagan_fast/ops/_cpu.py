@@ -1,8 +1,9 @@
 """Which CPU vector paths are in use: ATen's, and what the processor offers (issue 14)."""
 from __future__ import annotations
 
+import functools
 import os
-from typing import Dict, Optional
+from typing import Dict, FrozenSet, Optional
 
 import torch
 
@@ -10,12 +11,14 @@ import torch
 _FLAGS = {"avx2": "avx2", "avx512": "avx512f", "avx512_bf16": "avx512_bf16", "amx": "amx_tile"}
 
 
-def _cpu_flags(path: str = "/proc/cpuinfo") -> Optional[set]:
+@functools.lru_cache(maxsize=None)
+def cpu_flags(path: str = "/proc/cpuinfo") -> Optional[FrozenSet[str]]:
+    """The processor's feature flags (the ``flags`` line of /proc/cpuinfo), or None where it cannot be read."""
     try:
         with open(path) as f:
             for line in f:
                 if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
+                    return frozenset(line.split(":", 1)[1].split())
     except OSError:
         pass
     return None
@@ -34,7 +37,7 @@ def cpu_capability() -> Dict[str, object]:
       ATEN_CPU_CAPABILITY, capped by the processor), or None without the compiled library;
     - ``"kernels_requested"``: the DAGAN_FAST_CPU_CAPABILITY setting, or None.
     """
-    flags = _cpu_flags()
+    flags = cpu_flags()
     from ._extension import cpu_capability as kernel_capability
 
     try:

@@ -17,7 +17,6 @@ parity tests keep their float32 path.
 from __future__ import annotations
 
 import os
-from functools import lru_cache
 from typing import FrozenSet, Optional, Tuple, Union
 
 import torch
@@ -34,17 +33,11 @@ _ACCEPTED = "'auto', torch.float32, torch.bfloat16, torch.float16 (CUDA), torch.
 ENV_VAR = "DAGAN_FAST_DTYPE"
 
 
-@lru_cache(maxsize=1)
 def _cpu_flags() -> FrozenSet[str]:
-    """The CPU feature flags of /proc/cpuinfo (empty where it does not exist)."""
-    try:
-        with open("/proc/cpuinfo") as handle:
-            for line in handle:
-                if line.startswith("flags"):
-                    return frozenset(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return frozenset()
+    """The CPU feature flags of /proc/cpuinfo (empty where it cannot be read)."""
+    from ..ops._cpu import cpu_flags
+
+    return cpu_flags() or frozenset()
 
 
 def cpu_bf16_support(capability: Optional[str] = None, flags: Optional[FrozenSet[str]] = None) -> Tuple[bool, str]:
