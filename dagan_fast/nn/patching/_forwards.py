@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 
 from ... import ops
+from ...ops.layout import is_channels_last
+from . import _dispatch
 from . import _recognise as R
 
 Tensor = torch.Tensor
@@ -43,12 +45,19 @@ class PatchState:
     defaults; backend: forced ops backend or None; fallbacks: Counter of call-time fallback reasons."""
 
     def __init__(self, kind: str, path: str, forward: Callable, keys, extra_params: Dict[str, object],
-                 backend: Optional[str], keep_attention_map: bool):
+                 backend: Optional[str], keep_attention_map: bool, cache_source: bool = False):
         self.kind, self.path, self.forward = kind, path, forward
         self.keys = frozenset(keys)
         self.extra_params = dict(extra_params)
         self.backend, self.keep_attention_map = backend, keep_attention_map
         self.fallbacks: Counter = Counter()
+        self.cache_source = cache_source
+        # channels_last execution: the 4-d conv weights this patch converted (restored by unpatch), and
+        # whether 4-d outputs are made contiguous again (returned in the layout the original returns)
+        self.converted: list = []
+        self.restore_layout = False
+        self.source_cache = None  # (key, held source tensors, results) of the last source-side computation
+        self.cache_hits = 0
         self.owner: Optional[type] = None  # the class whose forward dispatcher serves this instance
         self._lock = threading.Lock()
         self._signature = None
@@ -58,6 +67,7 @@ class PatchState:
         d.pop("_lock", None)
         d["_signature"] = None
         d["forward"] = self.forward.__name__
+        d["source_cache"] = None
         return d
 
     def __setstate__(self, d):
@@ -88,8 +98,8 @@ class PatchState:
                 return original(module, *args, **kwargs)
         out = self.forward(module, self, arguments)
         if out is _FALLBACK:
-            return original(module, *args, **kwargs)
-        return out
+            out = original(module, *args, **kwargs)
+        return _plain_layout(out) if self.restore_layout and self.kind != R.ATTENTION else out
 
 
 def _same_default(value, default) -> bool:
@@ -99,6 +109,69 @@ def _same_default(value, default) -> bool:
         return bool(value == default)
     except Exception:
         return False
+
+
+def _plain_layout(out):
+    """4-d channels_last (not plain contiguous) tensors of an output dict / tuple / tensor made contiguous: the
+    layout the original forward returns, so that callers' ``.view`` keeps working."""
+    if isinstance(out, torch.Tensor):
+        return out.contiguous() if is_channels_last(out) else out
+    if isinstance(out, dict):
+        return type(out)((k, _plain_layout(v)) for k, v in out.items()) if type(out) is dict else \
+            {k: _plain_layout(v) for k, v in out.items()}
+    if isinstance(out, tuple):
+        return tuple(_plain_layout(v) for v in out)
+    return out
+
+
+def _to_channels_last(x):
+    return x.contiguous(memory_format=torch.channels_last) if isinstance(x, torch.Tensor) and x.dim() == 4 else x
+
+
+# ------------------------------------------------------------------------------------------ source cache
+def _tensor_key(t: Tensor) -> tuple:
+    return (t.data_ptr(), t._version, tuple(t.shape), t.stride(), t.dtype, t.device, t.requires_grad)
+
+
+def _modules_key(modules) -> tuple:
+    key = []
+    for m in modules:
+        key.append(m.training)
+        for t in list(m.parameters()) + list(m.buffers()):
+            key.append((id(t), t.data_ptr(), t._version))
+    return tuple(key)
+
+
+def _cacheable(sources, modules) -> bool:
+    """Source-side results may be reused only where no autograd graph through them is needed: grad disabled,
+    or neither the source inputs nor the sub-networks' parameters require grad. Never while compiling."""
+    if torch.compiler.is_compiling():
+        return False
+    if not all(isinstance(t, torch.Tensor) and not t.is_inference() for t in sources):
+        return False  # inference tensors keep no version counter
+    if not torch.is_grad_enabled():
+        return True
+    return not any(t.requires_grad for t in sources) and \
+        not any(p.requires_grad for m in modules for p in m.parameters())
+
+
+def _source_side(state: "PatchState", sources, modules, compute: Callable):
+    """``compute()`` (a tuple of source-only results), or the results cached by the previous call when the
+    key matches: the identity (data_ptr; the cache holds the tensors, so the address is not reused by another
+    tensor), ``_version``, shape, stride, dtype and device of every source input, and the train/eval mode and
+    ``_version`` of every parameter and buffer of the sub-networks (taken before computing, so a train-mode
+    BatchNorm update, which bumps its running statistics, never hits)."""
+    if not (state.cache_source and _cacheable(sources, modules)):
+        return compute()
+    key = (torch.is_grad_enabled(),) + tuple(_tensor_key(t) for t in sources) + _modules_key(modules)
+    entry = state.source_cache
+    if entry is not None and entry[0] == key:
+        state.cache_hits += 1
+        return entry[2]
+    state.source_cache = None
+    results = compute()
+    state.source_cache = (key, tuple(sources), results)
+    return results
 
 
 # ------------------------------------------------------------------------------------------ checks
@@ -277,13 +350,28 @@ def generator_forward(self, state: PatchState, a: dict):
     (B,h,w,2) only where the original forward returns it."""
     source_image, kp_driving, kp_source = a["source_image"], a["kp_driving"], a["kp_source"]
     dagan = state.kind in (R.DAGAN_GENERATOR, R.SPADE_GENERATOR)
-    out = self.first(source_image)
-    for block in self.down_blocks:
-        out = block(out)
-    if dagan:
-        src_out = self.src_first(a["source_depth"])
+    encoder_input = _to_channels_last(source_image) if state.converted else source_image
+    depth = (_to_channels_last(a["source_depth"]) if state.converted else a["source_depth"]) if dagan else None
+    attn = self.AttnModule if dagan else None
+    fused_query = dagan and _query_reusable(attn)
+    modules = [self.first, self.down_blocks] + ([self.src_first, self.src_down_blocks] if dagan else []) \
+        + ([attn.query_conv] if fused_query else [])
+
+    def source_side():
+        enc = self.first(encoder_input)
+        for block in self.down_blocks:
+            enc = block(enc)
+        if not dagan:
+            return enc, None, None
+        src = self.src_first(depth)
         for block in self.src_down_blocks:
-            src_out = block(src_out)
+            src = block(src)
+        query = _activation(attn, attn.query_conv(src)) if fused_query and _attention_reason(src, enc) is None \
+            else None
+        return enc, src, query
+
+    out, src_out, query = _source_side(state, [source_image] + ([a["source_depth"]] if dagan else []), modules,
+                                       source_side)
     output_dict = {}
     dense_motion = self.dense_motion_network(source_image=source_image, kp_driving=kp_driving, kp_source=kp_source)
     output_dict["mask"] = dense_motion["mask"]
@@ -296,7 +384,11 @@ def generator_forward(self, state: PatchState, a: dict):
         output_dict["deformation"] = deformation
     out = _warp(state, out, deformation, occlusion_map)
     if dagan:
-        out, attention = self.AttnModule(src_out, out)
+        if query is not None and _attention_reason(src_out, out) is None:
+            # the patched attention with the cached source-side query (no hooks on it: see _query_reusable)
+            out, attention = _attention(attn, attn.__dict__[_dispatch.STATE_ATTR], src_out, out, query)
+        else:
+            out, attention = attn(src_out, out)
     output_dict["deformed"] = _warp(state, source_image, deformation, None)
     if dagan:
         output_dict["attention"] = attention
@@ -322,20 +414,45 @@ def _activation(self, x: Tensor) -> Tensor:
     return act(x) if act is not None else F.relu(x)
 
 
-def attention_forward(self, state: PatchState, a: dict):
-    """DepthAwareAttention.forward(source (B,Cs,H,W), feat (B,C,H,W)) -> (gamma * softmax(Q K^T) V + feat
-    (B,C,H,W), None): Q = ReLU(query_conv(source)), K, V from feat, no 1/sqrt(d), never a (B,N,N) map."""
-    source, feat = a["source"], a["feat"]
+def _attention_reason(source, feat) -> Optional[str]:
     reason = _tensor_reason("source", source, 4) or _tensor_reason("feat", feat, 4, source)
     if reason is None and _autocast_on(source):
         reason = "autocast is enabled"
     if reason is None and source.shape != feat.shape:
         reason = f"source {tuple(source.shape)} and feat {tuple(feat.shape)} differ in shape"
+    return reason
+
+
+def _query_reusable(attn) -> bool:
+    """Whether the generator may run ``attn``'s fused forward itself with a cached query: ``attn`` is patched
+    here (the fused attention forward serves it) and has no hooks that a direct call would skip."""
+    st = attn.__dict__.get(_dispatch.STATE_ATTR)
+    if st is None or st.forward is not attention_forward or st.owner is None \
+            or getattr(type(attn).forward, "_dagan_fast_original", None) is None or st.owner is not _dispatch._owner(type(attn)):
+        return False
+    if attn._forward_hooks or attn._forward_pre_hooks or attn.query_conv._forward_hooks \
+            or attn.query_conv._forward_pre_hooks:
+        return False
+    from torch.nn.modules import module as _m
+    return not (_m._global_forward_hooks or _m._global_forward_pre_hooks)
+
+
+def attention_forward(self, state: PatchState, a: dict):
+    """DepthAwareAttention.forward(source (B,Cs,H,W), feat (B,C,H,W)) -> (gamma * softmax(Q K^T) V + feat
+    (B,C,H,W), None): Q = ReLU(query_conv(source)), K, V from feat, no 1/sqrt(d), never a (B,N,N) map."""
+    source, feat = a["source"], a["feat"]
+    reason = _attention_reason(source, feat)
     if reason:
         state.record(reason)
         return _FALLBACK
+    return _attention(self, state, source, feat)
+
+
+def _attention(self, state: PatchState, source: Tensor, feat: Tensor, query: Optional[Tensor] = None):
+    """The fused attention; ``query``: ReLU(query_conv(source)) when the caller has it already."""
     B, C, H, W = feat.shape
-    query = _activation(self, self.query_conv(source))
+    if query is None:
+        query = _activation(self, self.query_conv(source))
     key = _activation(self, self.key_conv(feat))
     value = _activation(self, self.value_conv(feat))
     gamma = self.gamma
@@ -354,7 +471,10 @@ def attention_forward(self, state: PatchState, a: dict):
     with ops.skip_value_checks():
         o = ops.cross_modal_attention(q.contiguous(), k.contiguous(), v.contiguous(), 1.0, residual=residual,
                                       gamma=gamma, backend=state.backend)
-    return o.squeeze(1).transpose(1, 2).reshape(B, C, H, W), None
+    o = o.squeeze(1).transpose(1, 2).reshape(B, C, H, W)  # channels_last strides
+    if state.restore_layout and not is_channels_last(feat):
+        o = o.contiguous()  # called directly with a plain feature map: the original's layout
+    return o, None
 
 
 FORWARDS = {R.DENSE_MOTION: dense_motion_forward, R.FOMM_GENERATOR: generator_forward,
