@@ -117,8 +117,12 @@ def _plain_layout(out):
     if isinstance(out, torch.Tensor):
         return out.contiguous() if is_channels_last(out) else out
     if isinstance(out, dict):
-        return type(out)((k, _plain_layout(v)) for k, v in out.items()) if type(out) is dict else \
-            {k: _plain_layout(v) for k, v in out.items()}
+        plain = {k: _plain_layout(v) for k, v in out.items()}
+        if all(plain[k] is v for k, v in out.items()):
+            return out
+        out = out.copy()  # the same dict type
+        out.update(plain)
+        return out
     if isinstance(out, tuple):
         return tuple(_plain_layout(v) for v in out)
     return out
@@ -427,8 +431,10 @@ def _query_reusable(attn) -> bool:
     """Whether the generator may run ``attn``'s fused forward itself with a cached query: ``attn`` is patched
     here (the fused attention forward serves it) and has no hooks that a direct call would skip."""
     st = attn.__dict__.get(_dispatch.STATE_ATTR)
-    if st is None or st.forward is not attention_forward or st.owner is None \
-            or getattr(type(attn).forward, "_dagan_fast_original", None) is None or st.owner is not _dispatch._owner(type(attn)):
+    if st is None or st.forward is not attention_forward or st.owner is None:
+        return False
+    if getattr(type(attn).forward, "_dagan_fast_original", None) is None \
+            or st.owner is not _dispatch._owner(type(attn)):
         return False
     if attn._forward_hooks or attn._forward_pre_hooks or attn.query_conv._forward_hooks \
             or attn.query_conv._forward_pre_hooks:
