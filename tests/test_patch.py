@@ -120,11 +120,12 @@ def test_dense_motion_every_key_and_keypoint_gradients():
         assert rel_err(g, r) < 1e-4, (i, rel_err(g, r))
 
 
-@pytest.mark.parametrize("kind,channels_last", [("fomm", False), ("plain", False), ("plain", None)])
+@pytest.mark.parametrize("kind,channels_last", [("fomm", False), ("plain", None), ("plain", True)])
 def test_training_step_equal(models, kind, channels_last):
     """train() mode through the patched generator (BatchNorm batch statistics, backward through the warp,
     the motion ops and the attention): loss, every parameter's gradient and the running statistics equal
-    the unpatched step's; every parameter gets a gradient. channels_last (the CPU default): oneDNN's NHWC
+    the unpatched step's; every parameter gets a gradient. channels_last (None, the default, is off in train
+    mode; True is the opt-in measured here): oneDNN's NHWC
     train-mode BatchNorm rounds its batch statistics more coarsely (forward ~25x the NCHW error, still ~1e-5),
     and the small, cancelling gradients of the convolutions ahead of a train-mode BatchNorm carry that: measured
     against float64 up to 16% of their largest entry on this small model (bottleneck.r0.conv1; plain torch
@@ -145,7 +146,7 @@ def test_training_step_equal(models, kind, channels_last):
         results.append((float(loss.detach()), grads, stats))
     (l0, g0, s0), (l1, g1, s1) = results
     assert abs(l0 - l1) < 1e-5 * abs(l0)
-    _assert_grads_close(g1, g0, tol=2e-3 if channels_last is False else 2.5e-1)
+    _assert_grads_close(g1, g0, tol=2.5e-1 if channels_last else 2e-3)
     for name in s0:
         assert rel_err(s1[name], s0[name]) < 1e-4, name
 

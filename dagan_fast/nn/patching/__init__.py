@@ -131,8 +131,9 @@ def patch(module: nn.Module, *, ops: Iterable[str] = OPS, backend: Optional[str]
     channels_last: run patched generators' convolutions in channels_last (NHWC) memory format: their 4-d
     conv weights (and those of their patched DenseMotionNetwork / DepthAwareAttention) are converted in place
     (``p.data``: same Parameter objects, values and state_dict), the encoders get channels_last inputs, and
-    every output comes back in the original's layout; None: on for CPU float32 / bfloat16 generators (oneDNN
-    runs NHWC 3x3 convolutions ~2.4x faster there), False: off. unpatch restores the original formats.
+    every output comes back in the original's layout; None: on for CPU float32 / bfloat16 generators that are
+    in eval mode when patched (oneDNN runs NHWC 3x3 convolutions faster there; in train mode its NHWC BatchNorm
+    statistics move conv gradients by up to ~16%, so training stays NCHW unless True), False: off. unpatch restores the original formats.
     cache_source: with no autograd graph needed (torch.no_grad(), or nothing involved requires grad), the
     generators reuse their source-only results (image and depth encoders, the attention query) while the
     source image / depth tensors and those sub-networks' weights are unchanged (identity, ``_version``,
@@ -209,8 +210,10 @@ def _channels_last(root: nn.Module, entry: PatchEntry, report: PatchReport, want
     st = gen.__dict__[_dispatch.STATE_ATTR]
     params = list(gen.parameters())
     if wanted is None:
-        wanted = bool(params) and all(p.device.type == "cpu" and p.dtype in (torch.float32, torch.bfloat16)
-                                      for p in params)
+        # inference only: oneDNN's NHWC train-mode BatchNorm rounds its batch statistics coarsely enough to move
+        # the small gradients of the convolutions ahead of it by up to ~16% (see tests/test_patch.py)
+        wanted = bool(params) and not gen.training and all(
+            p.device.type == "cpu" and p.dtype in (torch.float32, torch.bfloat16) for p in params)
     if not wanted:
         return
     prefix = f"{entry.path}." if entry.path else ""
