@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from conftest import gpu
-from _inputs import SIZE, face, head_motion, small_model
+from _inputs import SIZE, SMALL, face, head_motion, small_model
 from dagan_fast import Animator, DaGAN
 from dagan_fast.streaming import _hull_normalised
 
