@@ -66,6 +66,13 @@ def test_warp_bf16_vector_forward_is_the_scalar_definition(case, monkeypatch):
     assert torch.equal(vector, scalar)
 
 
+@pytest.mark.parametrize("case", [(1, 2, 9, 11, 4, 6, "contiguous"), (2, 1, 33, 17, 8, 40, "contiguous")])
+def test_attention_bf16_padded_flash_forward_matches_reference(case):
+    # bf16 with Dqk < Dv: the cpu backend zero-pads q and k to Dv and runs ATen's flash kernel
+    cpu_forward = _backends.get_backend("cpu").kernels["cross_modal_attention"].forward
+    C.check_attention(case, BF16, seed=5, forward=cpu_forward, lse_dtype=BF16)  # asserts every output
+
+
 def test_bf16_cpu_tensors_dispatch_to_the_cpu_kernels():
     x, grid, occ, _ = C.warp_inputs((1, 8, 5, 6, 7, 9, "nchw"), BF16)
     q, k, v, _, scale = C.attention_inputs((1, 2, 9, 11, 4, 6, "contiguous"), BF16)
@@ -75,7 +82,8 @@ def test_bf16_cpu_tensors_dispatch_to_the_cpu_kernels():
         assert _backends.select_backend(op, [first]).name == "cpu", op
     assert torch.equal(ops.warp_occlusion(x, grid, occ), torch.ops.dagan_fast.warp_occlusion_fwd(x, grid, occ))
     out = ops.cross_modal_attention(q, k, v, scale=scale)
-    assert out.dtype == BF16 and torch.equal(out, torch.ops.dagan_fast.cross_modal_attention_fwd(q, k, v, scale)[0])
+    cpu_forward = _backends.get_backend("cpu").kernels["cross_modal_attention"].forward
+    assert out.dtype == BF16 and torch.equal(out, cpu_forward(q, k, v, scale)[0])
     sparse = ops.sparse_motion_inputs(src, kp_s, jac_s, kp_d, jac_d)
     assert sparse.dtype == BF16
     assert torch.equal(sparse, torch.ops.dagan_fast.sparse_motion_inputs_fwd(src, kp_s, jac_s, kp_d, jac_d, 0.01))
