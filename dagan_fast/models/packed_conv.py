@@ -55,6 +55,7 @@ class _PackCache:
     def __init__(self):
         self.weight: Optional[Tensor] = None
         self.key: Optional[tuple] = None
+        self.refused: set = set()   # dtypes whose packing oneDNN refused on this CPU
 
     def __deepcopy__(self, memo):
         return _PackCache()
@@ -102,16 +103,25 @@ class PackedConv2d(nn.Conv2d):
             x, self._weight_for(x), self.bias, list(self.padding), list(self.stride), list(self.dilation),
             self.groups, attr, [], "")
 
+    def _packed(self, x: Tensor, attr: str) -> Optional[Tensor]:
+        """The packed convolution, or None where it does not run: unusable inputs, or a dtype oneDNN refuses
+        to pack on this CPU (bfloat16 needs AVX512-BW/VL/DQ or AVX-NE-CONVERT; remembered per module)."""
+        if not self._usable(x) or x.dtype in self._cache.refused:
+            return None
+        try:
+            return self._pointwise(x, attr)
+        except RuntimeError:
+            self._cache.refused.add(x.dtype)
+            return None
+
     def forward(self, x: Tensor) -> Tensor:
-        if self._usable(x):
-            return self._pointwise(x, "none")
-        return super().forward(x)
+        out = self._packed(x, "none")
+        return super().forward(x) if out is None else out
 
     def forward_relu(self, x: Tensor) -> Tensor:
         """``relu(self(x))`` with the ReLU fused into the convolution where the packed path runs."""
-        if self._usable(x):
-            return self._pointwise(x, "relu")
-        return F.relu(super().forward(x), inplace=True)
+        out = self._packed(x, "relu")
+        return F.relu(super().forward(x), inplace=True) if out is None else out
 
 
 def conv_relu(conv: nn.Module, x: Tensor) -> Tensor:
