@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 
 from ..ops.layout import is_channels_last
+from .retype import retype_modules
 
 __all__ = ["FastConv2d", "fast_convolutions_available", "use_fast_convolutions"]
 
@@ -61,9 +62,4 @@ def use_fast_convolutions(module: nn.Module) -> int:
     if not fast_convolutions_available():
         raise RuntimeError("fast convolutions need NNPACK, which this PyTorch build or CPU does not provide "
                            "(torch._nnpack_available() is False); run without fast_conv")
-    count = 0
-    for conv in module.modules():
-        if _eligible(conv):
-            conv.__class__ = FastConv2d
-            count += 1
-    return count
+    return retype_modules(module, _eligible, FastConv2d)

@@ -32,6 +32,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .retype import retype_modules
+
 __all__ = ["PackedConv2d", "packed_convolutions_available", "use_packed_convolutions", "conv_relu"]
 
 Tensor = torch.Tensor
@@ -141,9 +143,4 @@ def use_packed_convolutions(module: nn.Module) -> int:
     if not packed_convolutions_available():
         raise RuntimeError("packed convolutions need oneDNN (torch.backends.mkldnn), which this PyTorch build "
                            "lacks; run without them")
-    count = 0
-    for conv in module.modules():
-        if _eligible(conv):
-            conv.__class__ = PackedConv2d
-            count += 1
-    return count
+    return retype_modules(module, _eligible, PackedConv2d)
