@@ -1,7 +1,7 @@
 """Per-stage CPU profile of ``Animator``: where a frame's time goes, and how far each stage is from the conv floor.
 
     python benchmarks/profile_stages.py [--size 256] [--batch 4] [--threads 1] [--repeats 3] [--malloc-keep]
-                                        [--dtype fp32|bf16|auto] [--no-prepack]
+                                        [--dtype fp32|bf16|auto] [--no-prepack] [--no-fast-conv]
 
 Model: DaGAN with the official configuration and the calibrated random weights of ``tests/official_dagan.py``
 (the weights of ``benchmarks/latency.py``); timing does not depend on the values, only the shapes.
@@ -15,7 +15,8 @@ stage come from ``torch.utils.flop_counter`` (convolutions, matmuls) plus the at
 2 N^2 (Dqk + Dv) per image, which the counter cannot see inside the custom op. The "peak" is one large
 conv2d in the profiled dtype (the bottleneck's 256->256 3x3 at 64x64, channels-last, batch 1): what this CPU
 sustains per thread in that dtype (bf16: oneDNN's AMX/AVX512-BF16 kernels); each stage's "%pk" column is its
-GFLOP/s as a share of it. ``--dtype`` (default fp32): the Animator's precision; ``--no-prepack``: plain
+GFLOP/s as a share of it (Winograd convolutions are counted as the direct ones they replace, so their rate can
+pass the peak). ``--no-fast-conv``: no Winograd. ``--dtype`` (default fp32): the Animator's precision; ``--no-prepack``: plain
 F.conv2d instead of the pre-packed oneDNN convolutions.
 
 ``--malloc-keep``: tell glibc to keep freed memory in the heap (mallopt M_MMAP_THRESHOLD / M_TRIM_THRESHOLD), so
@@ -179,6 +180,8 @@ def main(argv=None) -> int:
     parser.add_argument("--malloc-keep", action="store_true", help="glibc keeps freed memory (see the docstring)")
     parser.add_argument("--dtype", choices=("fp32", "bf16", "auto"), default="fp32", help="the Animator's precision")
     parser.add_argument("--no-prepack", action="store_true", help="F.conv2d instead of pre-packed convolutions")
+    parser.add_argument("--no-fast-conv", action="store_true",
+                        help="float32: direct convolutions only (Animator(fast_conv=False)), no Winograd")
     args = parser.parse_args(argv)
     if args.batch < 1 or args.repeats < 1 or args.threads < 1:
         parser.error("--batch, --repeats and --threads must be >= 1")
@@ -197,13 +200,15 @@ def main(argv=None) -> int:
     model = DaGAN.from_official(str(paths["checkpoint"]), str(paths["depth_encoder"]), str(paths["depth_decoder"]))
     source, clip = driving_clip(official, 1 + args.batch, args.size)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "auto": "auto"}[args.dtype]
-    animator = Animator(model, source, dtype=dtype,
-                        prepack=False if args.no_prepack else None)
+    animator = Animator(model, source, dtype=dtype, prepack=False if args.no_prepack else None,
+                        fast_conv=False if args.no_fast_conv else None)
     print(animator.describe(), flush=True)
     list(animator.animate_video(clip, batch_size=args.batch))          # warm-up (oneDNN primitives)
 
-    # FlopCounterMode cannot see oneDNN's packed-weight op: count on an unpacked twin (same shapes, same FLOPs)
-    counting = Animator(model, source, dtype=animator.dtype, prepack=False) if animator.prepack else animator
+    # FlopCounterMode cannot see oneDNN's packed-weight op, and the Winograd convolutions time both paths on
+    # their first call: count on a direct, unpacked twin (same shapes, same FLOPs)
+    counting = (Animator(model, source, dtype=animator.dtype, prepack=False, fast_conv=False)
+                if animator.prepack or animator.fast_conv else animator)
     flops = stage_flops(counting, clip, args.batch)
     del counting
     clock = StageClock(animator.model)

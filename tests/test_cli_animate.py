@@ -56,7 +56,7 @@ def test_animate_without_checkpoint_runs_the_bundled_model(files, capsys):
 def test_animate_side_by_side_best_frame_batch(files, capsys):
     out = files["tmp"] / "sbs/"
     assert _animate(files, out, "--side-by-side", "--find-best-frame", "--batch-size", "2", "--smooth",
-                    "--fast-conv") == 0
+                    "--no-fast-conv") == 0
     with VideoReader(str(out)) as r:
         frames = list(r)
     assert len(frames) == 5 and frames[0].shape == (SIZE, 3 * SIZE, 3)

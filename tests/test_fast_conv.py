@@ -1,5 +1,7 @@
-"""Opt-in NNPACK convolutions (``dagan_fast.models.fast_conv``): same results as nn.Conv2d within float32
-rounding, same parameters, autograd and non-CPU inputs untouched, and the Animator option."""
+"""Winograd F(4x4, 3x3) convolutions (``dagan_fast.models.fast_conv``, ``dagan_fast::winograd_conv3x3``): same
+results as a float64 convolution within float32 Winograd rounding, over awkward shapes, every output element
+written, the fused block forms equal to the unfused ones, autograd / other dtypes / ineligible convolutions
+untouched, and the Animator default."""
 from __future__ import annotations
 
 import copy
@@ -8,42 +10,99 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from dagan_fast import Animator
-from dagan_fast.models.fast_conv import FastConv2d, fast_convolutions_available, use_fast_convolutions
+from dagan_fast.models.blocks import ResBlock2d, UpBlock2d, fold_module
+from dagan_fast.models.fast_conv import (FastConv2d, fast_convolutions_available, use_fast_convolutions,
+                                         winograd_weight)
 
 from _inputs import SIZE, face, head_motion, small_model
 
-pytestmark = pytest.mark.skipif(not fast_convolutions_available(), reason="no NNPACK in this PyTorch build")
+pytestmark = pytest.mark.skipif(not fast_convolutions_available(), reason="compiled op library not loaded")
+winograd = torch.ops.dagan_fast.winograd_conv3x3 if fast_convolutions_available() else None
 
 
-@pytest.mark.parametrize("cin,cout,kernel,padding,bias,batch,hw", [
-    (5, 7, 3, 1, True, 3, (37, 41)), (64, 32, 3, 1, False, 1, (64, 64)), (8, 3, 7, 3, True, 2, (40, 36)),
-    (6, 4, 1, 0, True, 2, (33, 40)), (3, 9, 3, 0, True, 1, (35, 33))])
+def _bound(x: torch.Tensor, w: torch.Tensor, padding: int) -> float:
+    """1e-5 of the largest sum of |w| |x| an output adds up (Winograd's transforms amplify rounding ~4x)."""
+    return 1e-5 * float(F.conv2d(x.detach().abs().double(), w.detach().abs().double(), padding=padding).max())
+
+
+@pytest.mark.parametrize("cin,cout,batch,hw,padding,bias", [
+    (5, 7, 3, (37, 41), 1, True), (64, 32, 1, (64, 64), 1, False), (19, 21, 2, (6, 13), 0, True),
+    (3, 16, 1, (1, 1), 2, True), (17, 33, 2, (9, 4), 2, False), (1, 1, 1, (3, 3), 0, True)])
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_matches_conv2d(cin, cout, kernel, padding, bias, batch, hw, channels_last):
-    torch.manual_seed(0)
-    conv = nn.Conv2d(cin, cout, kernel, padding=padding, bias=bias)
+def test_matches_float64_convolution(cin, cout, batch, hw, padding, bias, channels_last, monkeypatch):
+    monkeypatch.setenv("DAGAN_FAST_POISON", "1")          # every element written, or NaN survives
+    torch.manual_seed(cin * cout + padding)
+    conv = nn.Conv2d(cin, cout, 3, padding=padding, bias=bias)
     fast = copy.deepcopy(conv)
-    assert use_fast_convolutions(fast) == 1 and isinstance(fast, FastConv2d)
-    x = torch.randn(batch, cin, *hw)
+    assert use_fast_convolutions(fast, policy="always") == 1 and isinstance(fast, FastConv2d)
+    x = torch.randn(batch, cin, *hw) + 0.5
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     with torch.no_grad():
-        ref, out = conv(x), fast(x)
-    assert out.shape == ref.shape
-    assert out.is_contiguous(memory_format=torch.channels_last) == channels_last or not channels_last
-    # relative to the sum of |w| |x| each output adds up; Winograd's transforms amplify rounding
-    magnitude = float(nn.functional.conv2d(x.abs(), conv.weight.detach().abs(), padding=padding).max())
-    assert float((out - ref).abs().max()) <= 1e-5 * magnitude
-    assert not torch.equal(out, ref) or kernel == 1     # NNPACK really ran (another rounding)
+        out, direct = fast(x), conv(x)
+        ref = F.conv2d(x.double(), conv.weight.double(), None if conv.bias is None else conv.bias.double(),
+                       padding=padding)
+    assert out.shape == ref.shape and out.is_contiguous(memory_format=torch.channels_last)
+    assert torch.isfinite(out).all()
+    assert float((out.double() - ref).abs().max()) <= _bound(x, conv.weight, padding)
+    assert not torch.equal(out, direct) or out.numel() <= 16        # the kernel ran (another rounding)
 
 
-def test_autograd_float64_and_ineligible_convs_fall_back():
+def test_fused_prologue_upsample_residual_relu():
+    torch.manual_seed(3)
+    x = torch.randn(2, 24, 7, 9)
+    w, b = torch.randn(20, 24, 3, 3) / 15, torch.randn(20)
+    scale, shift = torch.rand(24) + 0.5, torch.randn(24)
+    up = F.interpolate(F.relu(x * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1)), scale_factor=2.0)
+    residual = torch.randn(2, 20, 14, 18)
+    out = winograd(x, winograd_weight(w), b, scale, shift, True, 1, True, residual)
+    ref = F.relu(F.conv2d(up.double(), w.double(), b.double(), padding=1) + residual.double())
+    assert float((out.double() - ref).abs().max()) <= _bound(up, w, 1)
+
+
+def test_kernel_argument_errors():
+    x = torch.randn(1, 8, 6, 6)
+    with pytest.raises(RuntimeError, match=r"weight_u must be float32 \(36,C,Co\) with C = 8"):
+        winograd(x, torch.randn(36, 7, 4), None, None, None, False, 1, False, None)
+    with pytest.raises(RuntimeError, match="pad must be 0, 1 or 2"):
+        winograd(x, torch.randn(36, 8, 4), None, None, None, False, 3, False, None)
+    with pytest.raises(RuntimeError, match="bias must be a float32 CPU vector of 4"):
+        winograd(x, torch.randn(36, 8, 4), torch.randn(5), None, None, False, 1, False, None)
+    with pytest.raises(RuntimeError, match="pre_scale and pre_shift come together"):
+        winograd(x, torch.randn(36, 8, 4), None, torch.randn(8), None, False, 1, False, None)
+    with pytest.raises(RuntimeError, match="leaves no output pixel"):
+        winograd(torch.randn(1, 8, 1, 1), torch.randn(36, 8, 4), None, None, None, False, 0, False, None)
+    with pytest.raises(RuntimeError, match="input must be a float32"):
+        winograd(x.double(), torch.randn(36, 8, 4), None, None, None, False, 1, False, None)
+
+
+@pytest.mark.parametrize("policy", ["always", "auto"])
+def test_blocks_fused_forms_match(policy):
+    torch.manual_seed(4)
+    blocks = nn.Sequential(ResBlock2d(32), UpBlock2d(32, 16), ResBlock2d(16))
+    for m in blocks.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5), m.running_var.uniform_(0.5, 2), m.weight.data.uniform_(0.5, 1.5)
+    blocks.eval()
+    fold_module(blocks)
+    fast = copy.deepcopy(blocks)
+    assert use_fast_convolutions(fast, policy=policy) == 5
+    x = torch.randn(1, 32, 21, 19)
+    with torch.no_grad():
+        ref, out = blocks(x), fast(x)
+        again = fast(x)                                    # the per-shape choice made, now reused
+    torch.testing.assert_close(out, ref, rtol=0, atol=2e-4 * float(ref.abs().max()))
+    torch.testing.assert_close(again, out, rtol=0, atol=0)
+
+
+def test_autograd_other_dtypes_and_ineligible_convs_fall_back():
     torch.manual_seed(1)
     conv = nn.Conv2d(4, 4, 3, padding=1)
     fast = copy.deepcopy(conv)
-    use_fast_convolutions(fast)
+    use_fast_convolutions(fast, policy="always")
     x = torch.randn(2, 4, 9, 9, requires_grad=True)
     torch.testing.assert_close(fast(x), conv(x), rtol=0, atol=0)            # grad enabled: nn.Conv2d
     fast(x).sum().backward()
@@ -51,33 +110,54 @@ def test_autograd_float64_and_ineligible_convs_fall_back():
     fast.double(), conv.double()
     with torch.no_grad():
         torch.testing.assert_close(fast(x.double().detach()), conv(x.double().detach()), rtol=0, atol=0)
-    strided = nn.Sequential(nn.Conv2d(3, 3, 3, stride=2), nn.Conv2d(3, 3, 3, groups=3), nn.Conv2d(3, 3, 3, padding=1,
-                                                                                                 padding_mode="reflect"))
-    assert use_fast_convolutions(strided) == 0
-    small = torch.randn(2, 4, 31, 33)                                         # below MIN_PIXELS: nn.Conv2d
-    with torch.no_grad():
-        torch.testing.assert_close(fast.float()(small), conv.float()(small), rtol=0, atol=0)
+    others = nn.Sequential(nn.Conv2d(3, 3, 3, stride=2), nn.Conv2d(3, 3, 3, groups=3), nn.Conv2d(3, 3, 1),
+                           nn.Conv2d(3, 3, 7, padding=3), nn.Conv2d(3, 3, 3, padding=1, padding_mode="reflect"),
+                           nn.Conv2d(3, 3, 3, dilation=2), nn.Conv2d(3, 3, 3, padding=3))
+    assert use_fast_convolutions(others) == 0
+    with pytest.raises(ValueError, match="policy must be one of"):
+        use_fast_convolutions(others, policy="fastest")
 
 
-def test_state_dict_unchanged_and_model_converted():
+def test_state_dict_unchanged_and_weight_changes_seen():
     model = small_model()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    count = use_fast_convolutions(model)
-    assert count > 10
+    assert use_fast_convolutions(model) > 10
     after = model.state_dict()
     assert list(after) == list(before) and all(torch.equal(after[k], before[k]) for k in before)
+    conv = nn.Conv2d(6, 5, 3, padding=1)
+    use_fast_convolutions(conv, policy="always")
+    x = torch.randn(1, 6, 8, 8)
+    with torch.no_grad():
+        first = conv(x)
+        conv.weight.mul_(2)                                                # in place: re-transformed
+        torch.testing.assert_close(conv(x) - conv.bias.view(1, -1, 1, 1),
+                                   2 * (first - conv.bias.view(1, -1, 1, 1)), rtol=0, atol=1e-5)
 
 
-def test_animator_fast_conv_matches_default():
+def test_flop_counter_counts_the_direct_convolution():
+    from torch.utils.flop_counter import FlopCounterMode
+    x, u = torch.randn(2, 8, 10, 10), torch.randn(36, 8, 5)
+    with FlopCounterMode(display=False) as counter:
+        winograd(x, u, None, None, None, False, 1, False, None)
+    assert counter.get_total_flops() == 2 * 8 * 5 * 9 * 2 * 10 * 10
+
+
+def test_animator_fast_conv_default_and_opt_out():
     frames = head_motion(4)
-    default = np.stack(list(Animator(small_model(), face(), size=SIZE).stream(frames)))
-    fast_animator = Animator(small_model(), face(), size=SIZE, fast_conv=True)
-    assert any(isinstance(m, FastConv2d) for m in fast_animator.model.modules())
-    fast = np.stack(list(fast_animator.stream(frames)))
+    default_animator = Animator(small_model(), face(), size=SIZE, dtype=torch.float32)
+    assert default_animator.fast_conv and "Winograd" in default_animator.describe()
+    assert any(isinstance(m, FastConv2d) for m in default_animator.model.modules())
+    direct_animator = Animator(small_model(), face(), size=SIZE, dtype=torch.float32, fast_conv=False)
+    assert not any(isinstance(m, FastConv2d) for m in direct_animator.model.modules())
+    for m in default_animator.model.modules():
+        if isinstance(m, FastConv2d):
+            m.policy = "always"
+    fast = np.stack(list(default_animator.stream(frames)))
+    direct = np.stack(list(direct_animator.stream(frames)))
     # uint8 outputs: at most one level apart where the two roundings straddle a level
-    assert np.abs(fast.astype(int) - default.astype(int)).max() <= 1
+    assert np.abs(fast.astype(int) - direct.astype(int)).max() <= 1
     model = small_model()
-    Animator(model, face(), size=SIZE, fast_conv=True)
-    assert not any(isinstance(m, FastConv2d) for m in model.modules())    # the caller's model is not modified
-    with pytest.raises(ValueError, match="fast_conv"):
-        Animator(small_model(), face(), size=SIZE, fast_conv=True, dtype=torch.float64)
+    Animator(model, face(), size=SIZE, dtype=torch.float32)
+    assert not any(isinstance(m, FastConv2d) for m in model.modules())    # the caller's model is untouched
+    with pytest.raises(ValueError, match="fast_conv=True runs float32 on the CPU only"):
+        Animator(small_model(), face(), size=SIZE, dtype=torch.bfloat16, fast_conv=True)

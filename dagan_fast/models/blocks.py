@@ -7,12 +7,13 @@ comes before a ReLU or a residual add (pre-activation ``ResBlock2d.norm1``) keep
 """
 from __future__ import annotations
 
-from typing import List, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .fast_conv import FastConv2d
 from .packed_conv import conv_relu
 
 Tensor = torch.Tensor
@@ -41,6 +42,17 @@ def fold_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
     fused.weight.copy_((w * scale.view(-1, 1, 1, 1)).to(conv.weight.dtype))
     fused.bias.copy_(((b - bn.running_mean.double()) * scale + beta).to(conv.weight.dtype))
     return fused
+
+
+def _eval_affine(norm: nn.Module) -> Optional[Tuple[Tensor, Tensor]]:
+    """(scale, shift) (C,) float32 with norm(x) = x * scale + shift for an eval-mode BatchNorm2d with running
+    statistics, else None."""
+    if type(norm) is not nn.BatchNorm2d or norm.training or norm.running_mean is None:
+        return None
+    weight = norm.weight if norm.affine else torch.ones_like(norm.running_var)
+    bias = norm.bias if norm.affine else torch.zeros_like(norm.running_mean)
+    scale = weight.double() / torch.sqrt(norm.running_var.double() + norm.eps)
+    return scale.float(), (bias.double() - norm.running_mean.double() * scale).float()
 
 
 class _ConvNorm(nn.Module):
@@ -96,6 +108,13 @@ class UpBlock2d(_ConvNorm):
         self.norm = nn.BatchNorm2d(out_features, affine=True)
 
     def forward(self, x: Tensor) -> Tensor:
+        if isinstance(self.norm, nn.Identity) and isinstance(self.conv, FastConv2d):
+            out = self.conv.winograd(x, relu=True, upsample=True, direct=lambda: self._direct(x))
+            if out is not None:
+                return out
+        return self._direct(x)
+
+    def _direct(self, x: Tensor) -> Tensor:
         x = F.interpolate(x, scale_factor=2.0, mode="nearest")
         if isinstance(self.norm, nn.Identity):
             return conv_relu(self.conv, x)
@@ -113,6 +132,26 @@ class ResBlock2d(nn.Module):
         self.norm2 = nn.BatchNorm2d(in_features, affine=True)
 
     def forward(self, x: Tensor) -> Tensor:
+        if isinstance(self.norm2, nn.Identity) and isinstance(self.conv1, FastConv2d) \
+                and isinstance(self.conv2, FastConv2d):
+            out = self._winograd(x)
+            if out is not None:
+                return out
+        return self._direct(x)
+
+    def _winograd(self, x: Tensor) -> Optional[Tensor]:
+        """The folded block as two Winograd convolutions: norm1 + ReLU inside the first one's input
+        transform, the residual add inside the second one's output transform; None where they do not run."""
+        pre = _eval_affine(self.norm1)
+        if pre is None:
+            return None
+        hidden = self.conv1.winograd(x, relu=True, pre=pre,
+                                     direct=lambda: conv_relu(self.conv1, F.relu(self.norm1(x))))
+        if hidden is None:
+            return None
+        return self.conv2.winograd(hidden, residual=x, direct=lambda: self.conv2(hidden) + x)
+
+    def _direct(self, x: Tensor) -> Tensor:
         out = F.relu(self.norm1(x), inplace=True)
         if isinstance(self.norm2, nn.Identity):
             out = conv_relu(self.conv1, out)

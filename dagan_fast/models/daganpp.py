@@ -42,7 +42,7 @@ from .blocks import DownBlock2d, ResBlock2d, SameBlock2d, UpBlock2d
 from .dagan import DaGAN, _lcm
 from .dense_motion import DenseMotionNetwork
 from .depth import RESNET_LAYOUTS, DepthDecoder, ResnetEncoder
-from .generator import _match_batch, _match_kp, _resize_deformation, _resize_map
+from .generator import _match_batch, _match_kp, _resize_deformation, _resize_map, warp_features
 from .keypoints import KPDetector
 from .registry import register_model
 
@@ -304,7 +304,7 @@ class DaGANppGenerator(nn.Module):
             size = tuple(feature.shape[2:])
             grids[size] = grid = _resize_deformation(deformation, size)
             occ = _resize_map(occlusion, size) if occlusion is not None else None
-            warped = ops.warp_occlusion(feature, grid, occ)                          # eq. 12
+            warped = warp_features(feature, grid, occ)                               # eq. 12
             result = attn(warped, kv=kv, return_attention=return_attention)           # eq. 13
             if return_attention:
                 result, attention_map = result
@@ -318,7 +318,7 @@ class DaGANppGenerator(nn.Module):
         grid = grids.get(size)
         if grid is None:
             grid = _resize_deformation(deformation, size)
-        out["deformed"] = ops.warp_occlusion(image, grid).contiguous()
+        out["deformed"] = warp_features(image, grid).contiguous()
         if return_attention:
             out["attention"] = maps
         return out

@@ -82,8 +82,6 @@ class DenseMotionNetwork(nn.Module):
             deformation, mask = official_motion.dense_motion(mask_logits, motions)
         else:
             deformation, mask = ops.dense_motion(mask_logits, kp_source["value"], jac_s, kp_driving["value"], jac_d)
-        if deformation.dtype != net_dtype:        # the warps read the features' dtype
-            deformation = deformation.to(net_dtype)
         out = {
             "sparse_deformed": inputs.view(B, K + 1, C + 1, h, w)[:, :, 1:],
             "mask": mask,

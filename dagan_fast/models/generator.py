@@ -53,6 +53,17 @@ def _resize_map(m: Tensor, size) -> Tensor:
     return F.interpolate(m, size=tuple(size), mode="bilinear", align_corners=False)
 
 
+def warp_features(features: Tensor, grid: Tensor, occlusion: Optional[Tensor] = None) -> Tensor:
+    """``ops.warp_occlusion(features, grid, occlusion)`` -> (B,C,Ho,Wo) in the features' dtype. In mixed
+    precision the grid stays float32 while the features are float16/bfloat16: a bfloat16 grid would place
+    samples only to ~0.4% of the image (0.25 px at 64x64), so the warp then runs in the grid's dtype."""
+    if grid.dtype == features.dtype:
+        return ops.warp_occlusion(features, grid, occlusion)
+    wide = grid.dtype
+    occlusion = occlusion if occlusion is None or occlusion.dtype == wide else occlusion.to(wide)
+    return ops.warp_occlusion(features.to(wide), grid, occlusion).to(features.dtype)
+
+
 class _DepthAwareBase(nn.Module):
     """The shared front of both generators: image encoder (``first``, ``down_blocks``), source-depth
     encoder (``src_first``, ``src_down_blocks``), ``dense_motion_network`` and ``AttnModule``."""
@@ -137,7 +148,7 @@ class _DepthAwareBase(nn.Module):
         if occlusion is not None:
             out["occlusion_map"] = occlusion
             occlusion = _resize_map(occlusion, size)
-        warped = ops.warp_occlusion(features, deformation, occlusion)
+        warped = warp_features(features, deformation, occlusion)
         if _is_channels_last(features):
             # the warp writes NCHW; back in the features' layout, the attention reads its tokens without a
             # transposing copy (~20% of the attention at batch 4 on a CPU) and the bottleneck's first
@@ -147,8 +158,8 @@ class _DepthAwareBase(nn.Module):
         if return_attention:
             attended, out["attention"] = attended
         out["features"] = attended
-        out["deformed"] = ops.warp_occlusion(image, _resize_deformation(motion["deformation"],
-                                                                        image.shape[2:])).contiguous()
+        out["deformed"] = warp_features(image, _resize_deformation(motion["deformation"],
+                                                                   image.shape[2:])).contiguous()
         return out
 
 

@@ -68,8 +68,36 @@ def _compiled_forward(q, k, v, scale):
     return torch.ops.dagan_fast.cross_modal_attention_fwd(q, k, v, scale)
 
 
+# float32 attention on the CPU by blocks of query rows: the scores of one block (at most this many floats)
+# live in cache, never the (Nq, Nk) matrix
+_BLOCK_SCORES = 1 << 21
+_BLOCKED_MIN_KEYS = 256
+
+
+def _blocked_forward(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tuple[Tensor, Tensor]:
+    """(out (B,H,Nq,Dv), lse (B,H,Nq)) with the two products as MKL GEMMs per block of query rows and the
+    softmax between them in ATen's vectorised passes. DaGAN's Dqk 32 / Dv 256 at N 4096, float32, 2 threads:
+    ~100 ms against ~150 ms for the row-at-a-time C++ kernel, which computes the same to ~2e-7."""
+    B, H, Nq, _ = q.shape
+    out = q.new_empty((B, H, Nq, v.shape[-1]))
+    lse = q.new_empty((B, H, Nq))
+    rows = max(16, _BLOCK_SCORES // k.shape[2])
+    for b in range(B):
+        for h in range(H):
+            keys_t, values = k[b, h].transpose(0, 1), v[b, h]
+            for start in range(0, Nq, rows):
+                scores = torch.mm(q[b, h, start:start + rows], keys_t).mul_(scale)
+                peak = scores.amax(-1, keepdim=True)
+                total = scores.sub_(peak).exp_().sum(-1, keepdim=True)
+                torch.mm(scores, values, out=out[b, h, start:start + rows]).div_(total)
+                lse[b, h, start:start + rows] = (peak + total.log()).squeeze(-1)
+    return out, lse
+
+
 def _cpu_forward(q, k, v, scale):
     dqk, dv = q.shape[-1], v.shape[-1]
+    if q.dtype == torch.float32 and dqk != dv and k.shape[2] >= _BLOCKED_MIN_KEYS and q.shape[2] >= 16:
+        return _blocked_forward(q, k, v, scale)
     if dqk == dv:
         # ATen's CPU flash kernel (what SDPA runs) is the faster forward where it applies (Dqk == Dv);
         # it returns the same natural-log lse, so our backward continues from it

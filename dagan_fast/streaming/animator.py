@@ -263,8 +263,10 @@ class Animator:
     ``KeypointSmoother``: a causal One-Euro filter on the driving keypoints and Jacobians.
     ``compile``: wrap the per-frame networks in ``torch.compile`` (opt-in; first frames compile).
     ``cuda_graphs``: capture the per-frame work in CUDA graphs (default: on for CUDA devices).
-    ``fast_conv``: on the CPU in float32, run the stride-1 convolutions with NNPACK (``models.fast_conv``):
-    ~3x faster 3x3 convolutions, outputs within ~3e-5 of the default path (opt-in).
+    ``fast_conv`` (default: on for CPU float32 with ``optimize`` where the compiled op library is loaded): the
+    3x3 stride-1 convolutions run Winograd F(4x4, 3x3) where it measures faster than oneDNN for the shape
+    (``models.fast_conv``; up to 2x per convolution), outputs within ~1e-4 of the direct convolutions.
+    ``fast_conv=False``: the direct (oneDNN) convolutions only.
     ``source_box``: the source window the model sees, (x, y, w, h) in source pixels (made square: side
     max(w, h), centred, shifted inside the image) or a ``dagan_fast.media.face.CropWindow``; default: the
     detected face window with ``face_crop=True``, else the centre square.
@@ -284,7 +286,7 @@ class Animator:
                  adapt_scale: bool = False, reference: Union[str, int] = "first", smoothing=None,
                  face_crop: bool = False, size: Optional[int] = None, best_frames: int = DEFAULT_BEST_FRAMES,
                  fps: Optional[float] = None, optimize: bool = True, compile: bool = False,
-                 cuda_graphs: Optional[bool] = None, fast_conv: bool = False, prepack: Optional[bool] = None,
+                 cuda_graphs: Optional[bool] = None, fast_conv: Optional[bool] = None, prepack: Optional[bool] = None,
                  depth_encoder=None, depth_decoder=None, paste_back: bool = False, source_box=None):
         loaded = load_model(model, depth_encoder=depth_encoder, depth_decoder=depth_decoder)
         for attr in ("depth", "kp_detector", "generator", "size_multiple"):
@@ -307,6 +309,10 @@ class Animator:
 
         # ---- the model: never modify the caller's object
         owned = not isinstance(model, nn.Module)
+        if fast_conv is None:
+            from ..models.fast_conv import fast_convolutions_available
+            fast_conv = (self.device.type == "cpu" and dtype == torch.float32 and fast_convolutions_available()
+                         and (optimize or getattr(loaded, "inference_only", False)))
         if fast_conv and (self.device.type != "cpu" or dtype != torch.float32):
             raise ValueError(f"Animator: fast_conv=True runs float32 on the CPU only (device {self.device}, dtype "
                              f"{dtype}); drop it elsewhere")
@@ -315,8 +321,7 @@ class Animator:
         if needs_copy and not owned:
             loaded = copy.deepcopy(loaded)
         if optimize and hasattr(loaded, "optimize_for_inference") and not getattr(loaded, "inference_only", False):
-            # NNPACK reads NCHW; channels_last inputs would cost it a conversion per convolution
-            loaded.optimize_for_inference(**({"channels_last": False} if fast_conv else {}))
+            loaded.optimize_for_inference()
         loaded.eval()
         loaded.to(device=self.device, dtype=kp_dtype)
         if dtype in _LOW_PRECISION:
@@ -326,8 +331,8 @@ class Animator:
                 if sub is not None:
                     sub.to(dtype)
         # oneDNN weight prepacking (models.packed_conv): default on for CPU float32/bfloat16 inference of a
-        # folded model (NNPACK's fast_conv replaces it where asked for)
-        cpu_onednn = self.device.type == "cpu" and dtype in (torch.float32, torch.bfloat16) and not fast_conv
+        # folded model; fast_conv's Winograd convolutions fall back to it
+        cpu_onednn = self.device.type == "cpu" and dtype in (torch.float32, torch.bfloat16)
         if prepack is None:
             prepack = cpu_onednn and (optimize or getattr(loaded, "inference_only", False))
         elif prepack and not cpu_onednn:
@@ -349,6 +354,7 @@ class Animator:
                 use_fast_convolutions(loaded)
             except RuntimeError as exc:
                 raise ValueError(f"Animator: {exc}") from None
+        self.fast_conv = bool(fast_conv)
         self.model = loaded
         self.kp_dtype = kp_dtype
         # large per-frame activations reuse heap pages instead of fresh mmaps (see keep_freed_memory)
@@ -791,9 +797,10 @@ class Animator:
         params = sum(p.numel() for p in model.parameters())
         kind = getattr(model, "config", {}).get("generator") if isinstance(getattr(model, "config", None), dict) \
             else None
-        conv = ("oneDNN, weights pre-packed" if self.prepack else
-                "NNPACK (fast_conv)" if any(type(m).__name__ == "FastConv2d" for m in model.modules()) else
-                "cuDNN" if self.device.type == "cuda" else "oneDNN (F.conv2d)")
+        conv = ("cuDNN" if self.device.type == "cuda" else
+                "oneDNN, weights pre-packed" if self.prepack else "oneDNN (F.conv2d)")
+        if self.fast_conv:
+            conv += "; 3x3 stride-1: Winograd F(4x4,3x3) where faster per shape (fast_conv)"
         low = self.dtype in _LOW_PRECISION
         lines = [
             f"model: {type(model).__name__}{f' ({kind} generator)' if kind else ''}, {params / 1e6:.2f}M parameters",
