@@ -6,8 +6,8 @@ The 3x3 stride-1 convolutions are ~85% of a DaGAN 256 frame's FLOPs (the bottlen
 project's AVX2 VM (2 threads, batch 1): 256->256 at 64x64 in 18 ms against 35 ms for the pre-packed oneDNN
 convolution; on narrow maps (128->64 at 256x256) the transforms' memory traffic eats most of the gain.
 
-``FastConv2d`` therefore times both on the first call of each input shape and keeps the faster (``policy
-"auto"``; ``"always"`` forces Winograd, for tests). Everything it does not run as Winograd goes to
+``FastConv2d`` therefore times both on the first call of each input shape (one measurement per shape for
+the whole process) and keeps the faster (``policy "auto"``; ``"always"`` forces Winograd, for tests). Everything it does not run as Winograd goes to
 ``PackedConv2d`` (oneDNN, weights packed once) or, with autograd, to ``nn.Conv2d``. The rounding differs from
 a direct convolution: measured errors against float64 are ~4x those of oneDNN's float32 (~4e-5 on outputs of
 magnitude 7), far inside the model's own float32 noise (the official float32 output is ~1e-3 from float64).
@@ -72,13 +72,17 @@ def _best_seconds(fn: Callable[[], Tensor]) -> float:
     return best
 
 
+# Winograd or not, per (input shape, output channels, padding, fused options, threads): timing depends on the
+# shapes only, so every convolution of a shape shares one measurement (DaGAN's 12 bottleneck convolutions: one)
+_CHOICES: Dict[tuple, bool] = {}
+
+
 class _WinogradCache:
-    """The transformed weight of one FastConv2d, what it came from, and the per-shape choices."""
+    """The transformed weight of one FastConv2d and what it came from."""
 
     def __init__(self):
         self.weight: Optional[Tensor] = None
         self.key: Optional[tuple] = None
-        self.choice: Dict[tuple, bool] = {}
 
     def __deepcopy__(self, memo):
         return _WinogradCache()
@@ -112,7 +116,7 @@ class FastConv2d(PackedConv2d):
         key = (_version(self.weight), self.weight.data_ptr())
         cache = self._wino
         if cache.weight is None or cache.key != key:
-            cache.weight, cache.key, cache.choice = winograd_weight(self.weight), key, {}
+            cache.weight, cache.key = winograd_weight(self.weight), key
         return cache.weight
 
     def winograd(self, x: Tensor, *, relu: bool = False, upsample: bool = False,
@@ -134,14 +138,15 @@ class FastConv2d(PackedConv2d):
 
         if self.policy == "always":
             return fast()
-        shape = (tuple(x.shape), upsample, pre is not None, residual is not None, relu)
-        choice = self._wino.choice.get(shape)
+        shape = (tuple(x.shape), self.out_channels, self.padding[0], upsample, pre is not None,
+                 residual is not None, relu, torch.get_num_threads())
+        choice = _CHOICES.get(shape)
         if choice is None:
             if direct is None:
                 def direct():
                     return PackedConv2d.forward_relu(self, x) if relu else PackedConv2d.forward(self, x)
             fast(), direct()                                    # first runs: page in, pack, warm caches
-            choice = self._wino.choice[shape] = _best_seconds(fast) < _best_seconds(direct)
+            choice = _CHOICES[shape] = _best_seconds(fast) < _best_seconds(direct)
         return fast() if choice else None
 
     def forward(self, x: Tensor) -> Tensor:

@@ -117,7 +117,7 @@ def _check_options(ops_: Iterable[str], backend: Optional[str]) -> Tuple[str, ..
 
 def patch(module: nn.Module, *, ops: Iterable[str] = OPS, backend: Optional[str] = None,
           keep_attention_map: bool = False, channels_last: Optional[bool] = None,
-          cache_source: bool = True) -> PatchReport:
+          cache_source: bool = True, fast_conv: Optional[bool] = None) -> PatchReport:
     """Rebinds, on every module of ``module``'s tree recognised as an official DaGAN / FOMM module, the
     forward to one running dagan_fast's fused ops. Returns a ``PatchReport`` (what was patched, and what
     was recognised but left alone, with the reason).
@@ -138,6 +138,12 @@ def patch(module: nn.Module, *, ops: Iterable[str] = OPS, backend: Optional[str]
     generators reuse their source-only results (image and depth encoders, the attention query) while the
     source image / depth tensors and those sub-networks' weights are unchanged (identity, ``_version``,
     shape, stride, dtype, device; parameter and buffer ``_version``); one entry per generator.
+    fast_conv: the patched generators' plain ``nn.Conv2d`` instances become ``FastConv2d`` (3x3 stride 1:
+    Winograd F(4x4,3x3) where it measures faster) or ``PackedConv2d`` (the rest: oneDNN with the weight packed
+    once), in place (a class swap: same Parameters, state_dict and train/eval). Both act only without autograd
+    on CPU float32 (packed: also bfloat16) tensors and run ``nn.Conv2d.forward`` otherwise, so training is
+    unchanged; without autograd results differ from the direct convolution by float32 rounding (Winograd:
+    ~1e-5 relative). None: on under the same conditions as ``channels_last``; unpatch restores the classes.
 
     Patching a patched module again is a no-op (its entries say so). A tree with nothing recognisable gives
     an empty report and a warning. ``unpatch(module)`` restores the original forwards.
@@ -189,6 +195,7 @@ def patch(module: nn.Module, *, ops: Iterable[str] = OPS, backend: Optional[str]
     for e in report.patched:
         if e.kind in (R.FOMM_GENERATOR, R.DAGAN_GENERATOR, R.SPADE_GENERATOR):
             _channels_last(module, e, report, channels_last)
+            _fast_convolutions(module, e, report, fast_conv)
             if cache_source:
                 e.notes.append("source-side cache: encoders" + (" and attention query" if e.kind != R.FOMM_GENERATOR
                                                                 else "") + " reused under no_grad while the "
@@ -202,24 +209,64 @@ def patch(module: nn.Module, *, ops: Iterable[str] = OPS, backend: Optional[str]
     return report
 
 
+def _cpu_inference_default(gen: nn.Module) -> bool:
+    """The default of channels_last / fast_conv: a generator in eval mode whose weights are CPU float32/bf16.
+    Inference only: oneDNN's NHWC train-mode BatchNorm rounds its batch statistics coarsely enough to move the
+    small gradients of the convolutions ahead of it by up to ~16% (see tests/test_patch.py)."""
+    params = list(gen.parameters())
+    return bool(params) and not gen.training and all(
+        p.device.type == "cpu" and p.dtype in (torch.float32, torch.bfloat16) for p in params)
+
+
+def _children_left_alone(gen: nn.Module, entry: PatchEntry, report: PatchReport) -> List[str]:
+    """Names (inside ``gen``) of recognised sub-modules that were not patched: their original forwards may
+    rely on their formats and classes, so the generator-wide conversions leave them be."""
+    prefix = f"{entry.path}." if entry.path else ""
+    patched_paths = {e.path for e in report.patched}
+    return [name for name, m in gen.named_modules()
+            if name and any(r(m) is not None for r in R.RECOGNISERS) and f"{prefix}{name}" not in patched_paths]
+
+
+def _fast_convolutions(root: nn.Module, entry: PatchEntry, report: PatchReport, wanted: Optional[bool]) -> None:
+    """Swaps the classes of the generator's plain convolutions to FastConv2d / PackedConv2d (see ``patch``);
+    records them for unpatch."""
+    from ...models.fast_conv import FastConv2d, _eligible as winograd_eligible, fast_convolutions_available
+    from ...models.packed_conv import PackedConv2d, packed_convolutions_available
+
+    gen = root.get_submodule(entry.path) if entry.path else root
+    if not (_cpu_inference_default(gen) if wanted is None else wanted):
+        return
+    if not (fast_convolutions_available() and packed_convolutions_available()):
+        entry.notes.append("fast_conv: not available here (needs the compiled op library and oneDNN)")
+        return
+    st = gen.__dict__[_dispatch.STATE_ATTR]
+    skip = _children_left_alone(gen, entry, report)
+    counts = {FastConv2d: 0, PackedConv2d: 0}
+    for name, m in gen.named_modules():
+        if type(m) is not nn.Conv2d or m.padding_mode != "zeros" or not isinstance(m.padding, tuple) \
+                or any(name.startswith(s + ".") for s in skip):
+            continue
+        cls = FastConv2d if winograd_eligible(m) else PackedConv2d
+        st.retyped.append((m, type(m)))
+        m.__class__ = cls
+        counts[cls] += 1
+    if st.retyped:
+        entry.notes.append(f"fast_conv: {counts[FastConv2d]} 3x3 convolutions Winograd-capable, "
+                           f"{counts[PackedConv2d]} others pre-packed for oneDNN (without autograd, CPU float32; "
+                           f"unpatch restores their classes)")
+
+
 def _channels_last(root: nn.Module, entry: PatchEntry, report: PatchReport, wanted: Optional[bool]) -> None:
     """Converts, in place, the 4-d (conv) weights of the generator at ``entry.path`` to channels_last: its own
     sub-networks and its patched DenseMotionNetwork / DepthAwareAttention (a child left alone keeps its
     formats: its original forward may rely on them). Records the converted parameters for unpatch."""
     gen = root.get_submodule(entry.path) if entry.path else root
     st = gen.__dict__[_dispatch.STATE_ATTR]
-    params = list(gen.parameters())
-    if wanted is None:
-        # inference only: oneDNN's NHWC train-mode BatchNorm rounds its batch statistics coarsely enough to move
-        # the small gradients of the convolutions ahead of it by up to ~16% (see tests/test_patch.py)
-        wanted = bool(params) and not gen.training and all(
-            p.device.type == "cpu" and p.dtype in (torch.float32, torch.bfloat16) for p in params)
-    if not wanted:
+    if not (_cpu_inference_default(gen) if wanted is None else wanted):
         return
+    skip = _children_left_alone(gen, entry, report)
     prefix = f"{entry.path}." if entry.path else ""
     patched_paths = {e.path for e in report.patched}
-    skip = [name for name, m in gen.named_modules()
-            if name and any(r(m) is not None for r in R.RECOGNISERS) and f"{prefix}{name}" not in patched_paths]
     states = [st]
     for name, m in gen.named_modules():
         if name and f"{prefix}{name}" in patched_paths:
@@ -267,7 +314,11 @@ def unpatch(module: nn.Module) -> List[str]:
         if st is not None:
             for p in st.converted:  # back to the original (plain contiguous) format, values unchanged
                 p.data = p.data.contiguous()
-            st.converted, st.source_cache = [], None
+            for conv, cls in st.retyped:
+                conv.__class__ = cls
+                for cache in ("_pack_cache", "_winograd_cache"):
+                    conv.__dict__.pop(cache, None)
+            st.converted, st.retyped, st.source_cache = [], [], None
             _dispatch.release(m)
             restored.append(path)
     return restored

@@ -55,6 +55,7 @@ class PatchState:
         # channels_last execution: the 4-d conv weights this patch converted (restored by unpatch), and
         # whether 4-d outputs are made contiguous again (returned in the layout the original returns)
         self.converted: list = []
+        self.retyped: list = []   # (conv module, its original class) swapped by fast_conv (restored by unpatch)
         self.restore_layout = False
         self.source_cache = None  # (key, held source tensors, results) of the last source-side computation
         self.cache_hits = 0
@@ -72,6 +73,7 @@ class PatchState:
 
     def __setstate__(self, d):
         self.__dict__.update(d)
+        self.__dict__.setdefault("retyped", [])
         self._lock = threading.Lock()
         self.forward = FORWARDS_BY_NAME[d["forward"]]
 
