@@ -135,7 +135,8 @@ def main(argv=None) -> int:
                         help="official path: recompute the source (and initial frame) depth and keypoints per frame")
     parser.add_argument("--compile", action="store_true", help="fast path: torch.compile")
     parser.add_argument("--no-fast-conv", action="store_true",
-                        help="fast path, CPU float32: direct convolutions only (Animator(fast_conv=False)), no Winograd")
+                        help="fast path, CPU float32: direct convolutions only (Animator(fast_conv=False)), "
+                             "no Winograd")
     parser.add_argument("--materialize-limit-gb", type=float, default=4.0,
                         help="daganpp baseline: materialise a layer's attention map when it takes at most this")
     parser.add_argument("--paste-back", action="store_true",

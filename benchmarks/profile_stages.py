@@ -16,8 +16,8 @@ stage come from ``torch.utils.flop_counter`` (convolutions, matmuls) plus the at
 conv2d in the profiled dtype (the bottleneck's 256->256 3x3 at 64x64, channels-last, batch 1): what this CPU
 sustains per thread in that dtype (bf16: oneDNN's AMX/AVX512-BF16 kernels); each stage's "%pk" column is its
 GFLOP/s as a share of it (Winograd convolutions are counted as the direct ones they replace, so their rate can
-pass the peak). ``--no-fast-conv``: no Winograd. ``--dtype`` (default fp32): the Animator's precision; ``--no-prepack``: plain
-F.conv2d instead of the pre-packed oneDNN convolutions.
+pass the peak). ``--no-fast-conv``: no Winograd. ``--dtype`` (default fp32): the Animator's precision;
+``--no-prepack``: plain F.conv2d instead of the pre-packed oneDNN convolutions.
 
 ``--malloc-keep``: tell glibc to keep freed memory in the heap (mallopt M_MMAP_THRESHOLD / M_TRIM_THRESHOLD), so
 large tensors reuse pages instead of faulting fresh ones in (expensive on some VMs); reported as its own lever.

@@ -136,6 +136,7 @@ def test_state_dict_unchanged_and_weight_changes_seen():
 
 def test_flop_counter_counts_the_direct_convolution():
     from torch.utils.flop_counter import FlopCounterMode
+    use_fast_convolutions(nn.Conv2d(8, 5, 3))                # registers the formula
     x, u = torch.randn(2, 8, 10, 10), torch.randn(36, 8, 5)
     with FlopCounterMode(display=False) as counter:
         winograd(x, u, None, None, None, False, 1, False, None)

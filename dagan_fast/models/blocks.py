@@ -149,7 +149,8 @@ class ResBlock2d(nn.Module):
                                      direct=lambda: conv_relu(self.conv1, F.relu(self.norm1(x))))
         if hidden is None:
             return None
-        return self.conv2.winograd(hidden, residual=x, direct=lambda: self.conv2(hidden) + x)
+        out = self.conv2.winograd(hidden, residual=x, direct=lambda: self.conv2(hidden) + x)
+        return self.conv2(hidden) + x if out is None else out
 
     def _direct(self, x: Tensor) -> Tensor:
         out = F.relu(self.norm1(x), inplace=True)

@@ -7,10 +7,11 @@ project's AVX2 VM (2 threads, batch 1): 256->256 at 64x64 in 18 ms against 35 ms
 convolution; on narrow maps (128->64 at 256x256) the transforms' memory traffic eats most of the gain.
 
 ``FastConv2d`` therefore times both on the first call of each input shape (one measurement per shape for
-the whole process) and keeps the faster (``policy "auto"``; ``"always"`` forces Winograd, for tests). Everything it does not run as Winograd goes to
-``PackedConv2d`` (oneDNN, weights packed once) or, with autograd, to ``nn.Conv2d``. The rounding differs from
-a direct convolution: measured errors against float64 are ~4x those of oneDNN's float32 (~4e-5 on outputs of
-magnitude 7), far inside the model's own float32 noise (the official float32 output is ~1e-3 from float64).
+the whole process) and keeps the faster (``policy "auto"``; ``"always"`` forces Winograd, for tests).
+Everything it does not run as Winograd goes to ``PackedConv2d`` (oneDNN, weights packed once) or, with
+autograd, to ``nn.Conv2d``. The rounding differs from a direct convolution: measured errors against float64
+are ~4x those of oneDNN's float32 (~4e-5 on outputs of magnitude 7), far inside the model's own float32 noise
+(the official float32 output is ~1e-3 from float64).
 
 The same kernel fuses what surrounds these convolutions in DaGAN's blocks: the nearest 2x upsampling before
 an UpBlock2d's convolution, the pre-activation BatchNorm + ReLU before a ResBlock2d's first one, and the
@@ -44,9 +45,16 @@ def fast_convolutions_available() -> bool:
     return extension().loaded and hasattr(torch.ops.dagan_fast, "winograd_conv3x3")
 
 
+_FLOPS_REGISTERED = []
+
+
 def _register_flops() -> None:
     """torch.utils.flop_counter counts a Winograd convolution as the direct one it replaces (2 C Co 9 per
-    output pixel), so FLOP rates stay comparable across the two paths."""
+    output pixel), so FLOP rates stay comparable across the two paths. Done on first use, not at import:
+    the flop counter imports Triton, which ``import dagan_fast`` must not."""
+    if _FLOPS_REGISTERED:
+        return
+    _FLOPS_REGISTERED.append(True)
     from torch.utils.flop_counter import register_flop_formula
 
     @register_flop_formula(torch.ops.dagan_fast.winograd_conv3x3)
@@ -175,6 +183,7 @@ def use_fast_convolutions(module: nn.Module, policy: str = "auto") -> int:
     if not fast_convolutions_available():
         raise RuntimeError("fast convolutions need dagan_fast's compiled op library (dagan_fast::winograd_conv3x3), "
                            "which is not loaded here; run without fast_conv")
+    _register_flops()
     count = retype_modules(module, _eligible, FastConv2d)
     for m in module.modules():
         if isinstance(m, FastConv2d):
@@ -183,7 +192,3 @@ def use_fast_convolutions(module: nn.Module, policy: str = "auto") -> int:
             elif "policy" in m.__dict__:
                 del m.policy
     return count
-
-
-if fast_convolutions_available():
-    _register_flops()

@@ -265,8 +265,9 @@ class Animator:
     ``cuda_graphs``: capture the per-frame work in CUDA graphs (default: on for CUDA devices).
     ``fast_conv`` (default: on for CPU float32 with ``optimize`` where the compiled op library is loaded): the
     3x3 stride-1 convolutions run Winograd F(4x4, 3x3) where it measures faster than oneDNN for the shape
-    (``models.fast_conv``; up to 2x per convolution), outputs within ~1e-4 of the direct convolutions.
-    ``fast_conv=False``: the direct (oneDNN) convolutions only.
+    (``models.fast_conv``; up to 2x per convolution), outputs within ~1e-4 of the direct convolutions. The
+    first frame of each batch size times both paths per convolution shape (once per process: ~2-5 s at 256 on
+    2 threads). ``fast_conv=False``: the direct (oneDNN) convolutions only.
     ``source_box``: the source window the model sees, (x, y, w, h) in source pixels (made square: side
     max(w, h), centred, shifted inside the image) or a ``dagan_fast.media.face.CropWindow``; default: the
     detected face window with ``face_crop=True``, else the centre square.
