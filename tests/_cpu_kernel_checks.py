@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import math
 import sys
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 import torch
 
@@ -295,6 +295,43 @@ def check_motion(case, dtype, seed=0, variance=0.01):
     return results
 
 
+# (batch, C, Co, H, W, pad, upsample, pre-activation, residual, relu): channel counts off the 16-lane steps,
+# sizes off the 4x4 tiles
+WINOGRAD_CASES = [(1, 19, 21, 13, 6, 1, False, False, False, False), (2, 33, 17, 9, 10, 1, True, True, False, True),
+                  (1, 16, 32, 8, 8, 1, False, True, True, True), (1, 5, 3, 7, 11, 0, False, False, True, False),
+                  (1, 7, 9, 5, 4, 2, True, False, False, True)]
+
+
+def check_winograd(case, seed=0) -> List[Dict]:
+    """The float32 Winograd convolution (inference only: no backward) against float64, within 1e-5 of the
+    sum of |w| |x| each output adds up (the transforms amplify rounding ~4x over a direct convolution)."""
+    import torch.nn.functional as F
+    from dagan_fast.models.fast_conv import winograd_weight
+
+    B, C, Co, H, W, pad, upsample, pre, residual, relu = case
+    g = _gen(seed)
+    x, w, b = _randn((B, C, H, W), g), _randn((Co, C, 3, 3), g, 1 / (3 * C ** 0.5)), _randn((Co,), g)
+    scale, shift = _uniform((C,), g, 0.5, 1.5), _randn((C,), g)
+    src = F.interpolate(x, scale_factor=2.0) if upsample else x
+    if pre:
+        src = F.relu(src * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1))
+    truth = F.conv2d(src, w, b, padding=pad)
+    res = _randn(truth.shape, g) if residual else None
+    if res is not None:
+        truth = truth + res
+    if relu:
+        truth = F.relu(truth)
+    got = torch.ops.dagan_fast.winograd_conv3x3(
+        x.float(), winograd_weight(w.float()), b.float(), scale.float() if pre else None,
+        shift.float() if pre else None, upsample, pad, relu, None if res is None else res.float())
+    magnitude = F.conv2d(src.abs(), w.abs(), b.abs(), padding=pad) + (res.abs() if res is not None else 0)
+    err = (got.double() - truth).abs()
+    assert got.shape == truth.shape and torch.isfinite(got).all(), ("winograd", case)
+    worst = float((err - 1e-5 * magnitude).max())
+    assert worst <= 0, f"winograd {case}: error {float(err.max()):.3e} exceeds 1e-5 of |w||x| by {worst:.3e}"
+    return [{"name": "winograd out", "case": str(case), "dtype": str(torch.float32), "err": float(err.max())}]
+
+
 def run_all(dtypes=(torch.float32, torch.bfloat16)) -> Dict:
     """Every case of every kernel, forward and backward, in each dtype; raises on the first failure."""
     report = {"capability": torch.ops.dagan_fast.cpu_capability(), "aten": torch.backends.cpu.get_cpu_capability(),
@@ -306,6 +343,9 @@ def run_all(dtypes=(torch.float32, torch.bfloat16)) -> Dict:
             report["results"] += check_attention(case, dtype)
         for case in MOTION_CASES:
             report["results"] += check_motion(case, dtype)
+    if torch.float32 in dtypes and hasattr(torch.ops.dagan_fast, "winograd_conv3x3"):
+        for case in WINOGRAD_CASES:
+            report["results"] += check_winograd(case)
     return report
 
 

@@ -170,7 +170,9 @@ def test_reference_peak_memory_is_linear_in_n():
     stats = json.loads(result.stdout.strip().splitlines()[-1])
     materialised = n * n * 4
     assert stats["finite"]
-    assert stats["extra_bytes"] < materialised / 8, stats  # 1 GiB would be the N x N map alone
+    # 1 GiB would be the N x N map alone. The blocks' peak varies with glibc's arenas under 2 OpenMP threads:
+    # 57-142 MB measured over repeated runs on one machine, so the bound is a quarter of the map, not an eighth.
+    assert stats["extra_bytes"] < materialised / 4, stats
 
 
 @pytest.mark.parametrize("call, error, match", [

@@ -84,6 +84,7 @@ def test_kernels_match_reference_under_capability(level, bf16_native):
                      "attention dk", "attention dv", "motion sparse out", "motion sparse grad_source",
                      "motion dense deformation", "motion dense grad_logits"):
             assert (name, dtype) in names, (name, dtype)
+    assert ("winograd out", "torch.float32") in names
 
 
 def test_aten_variable_alone_sets_ours_and_ours_wins():

@@ -63,6 +63,19 @@ def test_fused_prologue_upsample_residual_relu():
     assert float((out.double() - ref).abs().max()) <= _bound(up, w, 1)
 
 
+def test_strided_vectors_and_residual():
+    """Non-contiguous bias / pre-activation vectors and residual are read correctly."""
+    torch.manual_seed(5)
+    x, w = torch.randn(1, 6, 9, 7), torch.randn(5, 6, 3, 3) / 8
+    pairs = torch.randn(6, 2) + 1                      # column views: stride 2
+    bias = torch.randn(5, 3)[:, 1]
+    residual = torch.randn(1, 5, 7, 9).transpose(2, 3)   # (1,5,9,7) with neither planar nor NHWC strides
+    out = winograd(x, winograd_weight(w), bias, pairs[:, 0], pairs[:, 1], False, 1, False, residual)
+    pre = F.relu(x * pairs[:, 0].view(1, -1, 1, 1) + pairs[:, 1].view(1, -1, 1, 1))
+    ref = F.conv2d(pre, w, bias, padding=1) + residual
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-4)
+
+
 def test_kernel_argument_errors():
     x = torch.randn(1, 8, 6, 6)
     with pytest.raises(RuntimeError, match=r"weight_u must be float32 \(36,C,Co\) with C = 8"):

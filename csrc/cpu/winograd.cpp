@@ -247,9 +247,13 @@ at::Tensor winograd_conv3x3(const at::Tensor& input, const at::Tensor& weight_u,
   const int64_t chunk = std::clamp<int64_t>(kChunkBytes / (kXi * widest * 4), 16, g.tiles);
   at::Tensor v_buf = at::empty({kXi * chunk * g.channels}, input.options());
   at::Tensor m_buf = at::empty({kXi * chunk * g.out_channels}, input.options());
-  const Prologue p{pre_scale.has_value() ? pre_scale->contiguous().const_data_ptr<float>() : nullptr,
-                   pre_shift.has_value() ? pre_shift->contiguous().const_data_ptr<float>() : nullptr, upsample};
-  const Epilogue e{bias.has_value() ? bias->contiguous().const_data_ptr<float>() : nullptr,
+  // held here: the kernels read through raw pointers into them
+  const at::Tensor scale = pre_scale.has_value() ? pre_scale->contiguous() : at::Tensor();
+  const at::Tensor shift = pre_shift.has_value() ? pre_shift->contiguous() : at::Tensor();
+  const at::Tensor bias_c = bias.has_value() ? bias->contiguous() : at::Tensor();
+  const Prologue p{scale.defined() ? scale.const_data_ptr<float>() : nullptr,
+                   shift.defined() ? shift.const_data_ptr<float>() : nullptr, upsample};
+  const Epilogue e{bias_c.defined() ? bias_c.const_data_ptr<float>() : nullptr,
                    res.defined() ? res.const_data_ptr<float>() : nullptr, relu};
   const Capability level = capability();
   const float* xp = x.const_data_ptr<float>();
