@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 
 from ..ops._extension import extension
-from .packed_conv import PackedConv2d, _version
+from .packed_conv import PackedConv2d, TransientCache, _version
 from .retype import retype_modules
 
 __all__ = ["FastConv2d", "fast_convolutions_available", "use_fast_convolutions", "winograd_weight"]
@@ -85,21 +85,12 @@ def _best_seconds(fn: Callable[[], Tensor]) -> float:
 _CHOICES: Dict[tuple, bool] = {}
 
 
-class _WinogradCache:
+class _WinogradCache(TransientCache):
     """The transformed weight of one FastConv2d and what it came from."""
 
     def __init__(self):
         self.weight: Optional[Tensor] = None
         self.key: Optional[tuple] = None
-
-    def __deepcopy__(self, memo):
-        return _WinogradCache()
-
-    def __getstate__(self):
-        return {}
-
-    def __setstate__(self, state):
-        self.__init__()
 
 
 class FastConv2d(PackedConv2d):

@@ -50,23 +50,27 @@ def _version(t: Tensor) -> int:
     return -1 if t.is_inference() else t._version
 
 
-class _PackCache:
-    """The packed oneDNN weight of one PackedConv2d and what it was packed from; copies start empty (a
+class TransientCache:
+    """A per-module cache that is not state: deep copies and pickles start empty (``__init__`` again; a
     oneDNN tensor cannot be deep-copied or pickled)."""
 
-    def __init__(self):
-        self.weight: Optional[Tensor] = None
-        self.key: Optional[tuple] = None
-        self.refused: set = set()   # dtypes whose packing oneDNN refused on this CPU
-
     def __deepcopy__(self, memo):
-        return _PackCache()
+        return type(self)()
 
     def __getstate__(self):
         return {}
 
     def __setstate__(self, state):
         self.__init__()
+
+
+class _PackCache(TransientCache):
+    """The packed oneDNN weight of one PackedConv2d and what it was packed from."""
+
+    def __init__(self):
+        self.weight: Optional[Tensor] = None
+        self.key: Optional[tuple] = None
+        self.refused: set = set()   # dtypes whose packing oneDNN refused on this CPU
 
 
 class PackedConv2d(nn.Conv2d):
