@@ -303,8 +303,9 @@ WINOGRAD_CASES = [(1, 19, 21, 13, 6, 1, False, False, False, False), (2, 33, 17,
 
 
 def check_winograd(case, seed=0) -> List[Dict]:
-    """The float32 Winograd convolution (inference only: no backward) against float64, within 1e-5 of the
-    sum of |w| |x| each output adds up (the transforms amplify rounding ~4x over a direct convolution)."""
+    """The float32 Winograd convolution against float64, within 1e-5 of the sum of |w| |x| each output adds
+    up (the transforms amplify rounding ~4x over a direct convolution); for plain cases also its input and
+    filter gradients."""
     import torch.nn.functional as F
     from dagan_fast.models.fast_conv import winograd_weight
 
@@ -329,7 +330,34 @@ def check_winograd(case, seed=0) -> List[Dict]:
     assert got.shape == truth.shape and torch.isfinite(got).all(), ("winograd", case)
     worst = float((err - 1e-5 * magnitude).max())
     assert worst <= 0, f"winograd {case}: error {float(err.max()):.3e} exceeds 1e-5 of |w||x| by {worst:.3e}"
-    return [{"name": "winograd out", "case": str(case), "dtype": str(torch.float32), "err": float(err.max())}]
+    results = [{"name": "winograd out", "case": str(case), "dtype": str(torch.float32), "err": float(err.max())}]
+    if upsample or pre or residual or relu:
+        return results
+    # the training kernels of a plain convolution: input gradient (flipped filters), filter gradient, both
+    # with NCHW (transposed in blocks) and channels_last operands
+    gy = _randn(truth.shape, g)
+    xr = x.clone().requires_grad_()
+    wr = w.clone().requires_grad_()
+    gx_truth, gw_truth = torch.autograd.grad(F.conv2d(xr, wr, b, padding=pad), [xr, wr], gy)
+    ops = torch.ops.dagan_fast
+    for channels_last in (False, True):
+        gyf = gy.float()
+        xf = x.float()
+        if channels_last:
+            gyf, xf = ops.as_channels_last(gyf), ops.as_channels_last(xf)
+            assert torch.equal(gyf, gy.float()) and gyf.is_contiguous(memory_format=torch.channels_last)
+        gx = ops.winograd_conv3x3(gyf, ops.winograd_filter(w.float(), True), None, None, None, False, 2 - pad,
+                                  False, None, channels_last)
+        gw = ops.winograd_conv3x3_weight_grad(xf, gyf, pad)
+        bound_x = 1e-5 * F.conv2d(gy.abs(), w.abs().flip(2, 3).transpose(0, 1), padding=2 - pad)
+        bound_w = 1e-5 * torch.nn.grad.conv2d_weight(x.abs(), w.shape, gy.abs(), padding=pad)
+        for name, got_, want, bound in (("winograd input grad", gx, gx_truth, bound_x),
+                                        ("winograd filter grad", gw, gw_truth, bound_w)):
+            e = (got_.double() - want).abs()
+            assert got_.shape == want.shape and float((e - bound).max()) <= 0, \
+                f"{name} {case} channels_last={channels_last}: error {float(e.max()):.3e}"
+            results.append({"name": name, "case": str(case), "dtype": str(torch.float32), "err": float(e.max())})
+    return results
 
 
 def run_all(dtypes=(torch.float32, torch.bfloat16)) -> Dict:

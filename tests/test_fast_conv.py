@@ -111,24 +111,134 @@ def test_blocks_fused_forms_match(policy):
     torch.testing.assert_close(again, out, rtol=0, atol=0)
 
 
-def test_autograd_other_dtypes_and_ineligible_convs_fall_back():
+def test_other_dtypes_and_ineligible_convs_fall_back():
     torch.manual_seed(1)
     conv = nn.Conv2d(4, 4, 3, padding=1)
     fast = copy.deepcopy(conv)
     use_fast_convolutions(fast, policy="always")
-    x = torch.randn(2, 4, 9, 9, requires_grad=True)
-    torch.testing.assert_close(fast(x), conv(x), rtol=0, atol=0)            # grad enabled: nn.Conv2d
-    fast(x).sum().backward()
-    assert x.grad is not None
+    x = torch.randn(2, 4, 9, 9)
     fast.double(), conv.double()
+    torch.testing.assert_close(fast(x.double().requires_grad_()), conv(x.double()), rtol=0, atol=0)
     with torch.no_grad():
-        torch.testing.assert_close(fast(x.double().detach()), conv(x.double().detach()), rtol=0, atol=0)
+        torch.testing.assert_close(fast(x.double()), conv(x.double()), rtol=0, atol=0)
     others = nn.Sequential(nn.Conv2d(3, 3, 3, stride=2), nn.Conv2d(3, 3, 3, groups=3), nn.Conv2d(3, 3, 1),
                            nn.Conv2d(3, 3, 7, padding=3), nn.Conv2d(3, 3, 3, padding=1, padding_mode="reflect"),
                            nn.Conv2d(3, 3, 3, dilation=2), nn.Conv2d(3, 3, 3, padding=3))
     assert use_fast_convolutions(others) == 0
     with pytest.raises(ValueError, match="policy must be one of"):
         use_fast_convolutions(others, policy="fastest")
+
+
+def _float64_grads(conv: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> list:
+    ref = copy.deepcopy(conv).double()
+    xd = x.detach().double().requires_grad_()
+    out = F.conv2d(xd, ref.weight, ref.bias, padding=ref.padding)
+    out.backward(grad.double())
+    return [out.detach(), xd.grad] + [p.grad for p in ref.parameters()]
+
+
+@pytest.mark.parametrize("cin,cout,batch,hw,padding,bias", [
+    (5, 7, 3, (37, 41), 1, True), (19, 21, 2, (6, 13), 0, True), (3, 16, 1, (1, 1), 2, True),
+    (17, 33, 2, (9, 4), 2, False), (32, 48, 1, (20, 20), 1, True)])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_training_forward_and_gradients_match_float64(cin, cout, batch, hw, padding, bias, channels_last,
+                                                       monkeypatch):
+    """With autograd (policy "always"): the output, the input's and every parameter's gradient equal a float64
+    convolution's within Winograd's float32 rounding; output and input gradient keep the input's format."""
+    monkeypatch.setenv("DAGAN_FAST_POISON", "1")
+    torch.manual_seed(cin + cout + padding)
+    conv = nn.Conv2d(cin, cout, 3, padding=padding, bias=bias)
+    fast = copy.deepcopy(conv)
+    use_fast_convolutions(fast, policy="always")
+    x = torch.randn(batch, cin, *hw) + 0.5
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
+    out = fast(x)
+    grad = torch.randn(out.shape)
+    out.backward(grad)
+    got = [out, x.grad] + [p.grad for p in fast.parameters()]
+    want = _float64_grads(conv, x, grad)
+    # (a (B,C,1,1) input is contiguous in both formats: NCHW then)
+    fmt = torch.channels_last if channels_last and not x.is_contiguous() else torch.contiguous_format
+    assert out.is_contiguous(memory_format=fmt) and x.grad.is_contiguous(memory_format=fmt)
+    assert out.grad_fn is not None and "Winograd" in type(out.grad_fn).__name__   # the kernel ran, not nn.Conv2d
+    bounds = [_bound(x, conv.weight, padding),
+              1e-5 * float(F.conv2d(grad.abs().double(), conv.weight.detach().abs().double().flip(2, 3)
+                                    .transpose(0, 1), padding=2 - padding).max()),
+              # each filter-gradient entry sums |x| |grad| over every output pixel
+              1e-5 * float(torch.nn.grad.conv2d_weight(x.detach().abs().double(), conv.weight.shape,
+                                                       grad.abs().double(), padding=padding).max()),
+              1e-6 * float(grad.abs().sum((0, 2, 3)).max())]
+    for name, g, w, bound in zip(("output", "input grad", "weight grad", "bias grad"), got, want, bounds):
+        g = g.detach()
+        assert torch.isfinite(g).all(), name
+        assert float((g.double() - w).abs().max()) <= bound, (name, float((g.double() - w).abs().max()), bound)
+
+
+def test_training_auto_policy_double_backward_and_frozen_parts():
+    """policy "auto" measures once per shape and part (same results either way, within rounding); a backward
+    with create_graph stays differentiable (a gradient penalty through the convolution); a frozen weight or an
+    input without grad gets no gradient."""
+    from dagan_fast.models import fast_conv as fc
+    torch.manual_seed(5)
+    conv = nn.Conv2d(24, 40, 3, padding=1)
+    fast = copy.deepcopy(conv)
+    use_fast_convolutions(fast)
+    x = torch.randn(2, 24, 16, 16, requires_grad=True)
+    before = len(fc._CHOICES)
+    out = fast(x)
+    out.square().sum().backward()
+    keys = [k for k in fc._CHOICES if k[0] in ("forward", "input grad", "filter grad") and k[1] == tuple(x.shape)]
+    assert {k[0] for k in keys} == {"forward", "input grad", "filter grad"} and len(fc._CHOICES) >= before
+    want = _float64_grads(conv, x, 2 * F.conv2d(x.double(), conv.weight.double(), conv.bias.double(), padding=1))
+    torch.testing.assert_close(x.grad.double(), want[1], rtol=0, atol=1e-4 * float(want[1].abs().max()))
+    # gradient penalty: d/dw |d out / d x|^2 needs the backward's own graph
+    for m in (fast, conv):
+        m.zero_grad(set_to_none=True)
+        x2 = x.detach().requires_grad_()
+        (gx,) = torch.autograd.grad(m(x2).sum(), x2, create_graph=True)
+        gx.square().sum().backward()
+    torch.testing.assert_close(fast.weight.grad, conv.weight.grad, rtol=0,
+                               atol=1e-4 * float(conv.weight.grad.abs().max()))
+    fast.zero_grad(set_to_none=True)
+    fast.weight.requires_grad_(False)
+    y = fast(x.detach().requires_grad_())
+    y.sum().backward()
+    assert fast.weight.grad is None and fast.bias.grad is not None
+
+
+@pytest.mark.parametrize("shape", [(1, 64, 16, 16), (3, 5, 7, 9), (2, 17, 1, 33), (1, 1, 4, 4), (2, 40, 3, 1)])
+def test_as_channels_last_blocked_transposition(shape):
+    """The kernels' NCHW -> channels_last transposition equals ``contiguous(channels_last)`` bitwise; NCHW
+    output (channels_last=False) equals the channels_last one; other dtypes / layouts are copied."""
+    torch.manual_seed(sum(shape))
+    x = torch.randn(shape)
+    y = torch.ops.dagan_fast.as_channels_last(x)
+    assert torch.equal(y, x) and y.is_contiguous(memory_format=torch.channels_last)
+    assert torch.ops.dagan_fast.as_channels_last(y).data_ptr() == y.data_ptr()            # already: itself
+    strided = torch.randn(shape[0], shape[1], shape[2] * 2, shape[3])[:, :, ::2]
+    assert torch.equal(torch.ops.dagan_fast.as_channels_last(strided), strided)
+    assert torch.equal(torch.ops.dagan_fast.as_channels_last(x.double()), x.double())
+    u = winograd_weight(torch.randn(6, shape[1], 3, 3))
+    cl = winograd(x, u, None, None, None, False, 1, False, None)
+    nchw = winograd(x, u, None, None, None, False, 1, False, None, False)
+    assert nchw.is_contiguous() and torch.equal(nchw, cl)
+
+
+def test_training_kernel_argument_errors():
+    x, gy = torch.randn(2, 8, 6, 6), torch.randn(2, 4, 6, 6)
+    wgrad = torch.ops.dagan_fast.winograd_conv3x3_weight_grad
+    with pytest.raises(RuntimeError, match=r"grad_output must be \(2,4,4,4\) for input \[2, 8, 6, 6\] and pad 0"):
+        wgrad(x, gy, 0)
+    with pytest.raises(RuntimeError, match="grad_output must be float32 .* with the input's batch"):
+        wgrad(x, gy[:1], 1)
+    with pytest.raises(RuntimeError, match="input must be a float32 CPU tensor"):
+        wgrad(x.double(), gy, 1)
+    with pytest.raises(RuntimeError, match="pad must be 0, 1 or 2, got 3"):
+        wgrad(x, gy, 3)
+    with pytest.raises(RuntimeError, match=r"winograd_filter: weight must be float32 CPU \(Co,C,3,3\)"):
+        torch.ops.dagan_fast.winograd_filter(torch.randn(4, 8, 5, 5), False)
 
 
 def test_state_dict_unchanged_and_weight_changes_seen():

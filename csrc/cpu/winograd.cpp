@@ -1,8 +1,9 @@
-// Winograd F(4x4, 3x3) (Lavin & Gray 2016) for CPU float32 inference: each 4x4 output tile comes from a
+// Winograd F(4x4, 3x3) (Lavin & Gray 2016) for CPU float32 convolutions: each 4x4 output tile comes from a
 // 6x6 input tile as Y = A^T [ (G g G^T) . (B^T d B) ] A, so a 3x3 convolution costs 36 matrix products of
 // (tiles x C) by (C x Co) instead of 9 of (pixels x C) by (C x Co): 2.25x fewer multiply-adds per output
 // pixel before the transforms, which are memory-bound and cheap. The products run through at::bmm (MKL);
-// the transforms here run over 16 channels at a time (channels_last: channels are contiguous in memory).
+// the transforms here run over 16 channels at a time (channels_last: channels are contiguous in memory;
+// NCHW maps, training's layout, are transposed to and from channels_last in cache-sized blocks).
 //
 // Tiles are processed in chunks, so that one chunk's transformed input and products stay near the last cache
 // level (a 256x256 map with 128 channels would otherwise spill ~110 MB of transforms to memory).
@@ -13,7 +14,9 @@
 
 #include <ATen/Parallel.h>
 #include <ATen/ops/bmm.h>
+#include <ATen/ops/mm.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 #include <c10/util/Exception.h>
 
 #include "cpu/capability.h"
@@ -57,6 +60,15 @@ struct Prologue {
   o3 = 2.f * ((r3) - (r1)) - (r2) + (r4);                        \
   o4 = 2.f * ((r1) - (r3)) - (r2) + (r4);                        \
   o5 = 4.f * (r1) - 5.f * (r3) + (r5);
+
+// A y for 4 values -> 6: the adjoint of A^T, for the weight gradient.
+#define DAGAN_A(y0, y1, y2, y3, o0, o1, o2, o3, o4, o5) \
+  o0 = (y0);                                              \
+  o1 = (y0) + (y1) + (y2) + (y3);                         \
+  o2 = (y0) - (y1) + (y2) - (y3);                         \
+  o3 = (y0) + 2.f * (y1) + 4.f * ((y2) + 2.f * (y3));     \
+  o4 = (y0) - 2.f * (y1) + 4.f * ((y2) - 2.f * (y3));     \
+  o5 = (y3);
 
 // A^T m for 6 values -> 4.
 #define DAGAN_AT(m0, m1, m2, m3, m4, m5, o0, o1, o2, o3) \
@@ -163,6 +175,35 @@ __attribute__((always_inline)) inline void output_tile(const float* m, int64_t l
   }
 }
 
+// One 4x4 output-gradient tile's transform A dY A^T into z[xi * ldz + co] for all output channels (the
+// gradient with respect to the 36 products; pixels past the output's edge count as zero).
+__attribute__((always_inline)) inline void grad_tile(const float* gy, const Geometry& g, int64_t tile, float* z,
+                                                     int64_t ldz) {
+  const int64_t per_image = g.tiles_h * g.tiles_w;
+  const int64_t b = tile / per_image, r = tile % per_image;
+  const int64_t oy0 = (r / g.tiles_w) * 4, ox0 = (r % g.tiles_w) * 4;
+  const int64_t Co = g.out_channels;
+  const float* image = gy + b * g.out_h * g.out_w * Co;
+  Lanes d[4][4], t[6][4];
+  for (int64_t c0 = 0; c0 < Co; c0 += kLanes) {
+    const int n = static_cast<int>(std::min<int64_t>(kLanes, Co - c0));
+    for (int u = 0; u < 4; ++u) {
+      for (int w = 0; w < 4; ++w) {
+        const int64_t oy = oy0 + u, ox = ox0 + w;
+        d[u][w] = (oy < g.out_h && ox < g.out_w) ? load(image + (oy * g.out_w + ox) * Co + c0, n) : Lanes{};
+      }
+    }
+    for (int w = 0; w < 4; ++w) {
+      DAGAN_A(d[0][w], d[1][w], d[2][w], d[3][w], t[0][w], t[1][w], t[2][w], t[3][w], t[4][w], t[5][w])
+    }
+    for (int i = 0; i < 6; ++i) {
+      Lanes o[6];
+      DAGAN_A(t[i][0], t[i][1], t[i][2], t[i][3], o[0], o[1], o[2], o[3], o[4], o[5])
+      for (int j = 0; j < 6; ++j) store(z + (i * 6 + j) * ldz + c0, o[j], n);
+    }
+  }
+}
+
 // The transforms of tiles [first, first + count): the same source compiled per vector level.
 #define DAGAN_TRANSFORMS(SUFFIX, TARGET)                                                                      \
   TARGET __attribute__((noinline)) void input_tiles_##SUFFIX(const float* x, const Geometry& g,                \
@@ -180,6 +221,10 @@ __attribute__((always_inline)) inline void output_tile(const float* m, int64_t l
                                                               const Epilogue& e, int64_t first, int64_t lo,     \
                                                               int64_t hi, float* out) {                         \
     for (int64_t t = lo; t < hi; ++t) output_tile(m + t * g.out_channels, ldm, g, e, first + t, out);         \
+  }                                                                                                           \
+  TARGET __attribute__((noinline)) void grad_tiles_##SUFFIX(const float* gy, const Geometry& g, int64_t first,   \
+                                                            int64_t lo, int64_t hi, float* z, int64_t ldz) {     \
+    for (int64_t t = lo; t < hi; ++t) grad_tile(gy, g, first + t, z + t * g.out_channels, ldz);               \
   }
 
 DAGAN_TRANSFORMS(default, )
@@ -193,25 +238,44 @@ void check_vector(const c10::optional<at::Tensor>& t, const char* name, int64_t 
               " ", t->sizes(), " on ", t->device());
 }
 
-}  // namespace
+// G of F(4x4, 3x3), points 0, +-1, +-2 and infinity (6x3).
+constexpr double kG[6][3] = {{1. / 4, 0, 0},           {-1. / 6, -1. / 6, -1. / 6}, {-1. / 6, 1. / 6, -1. / 6},
+                             {1. / 24, 1. / 12, 1. / 6}, {1. / 24, -1. / 12, 1. / 6},  {0, 0, 1}};
 
-at::Tensor winograd_conv3x3(const at::Tensor& input, const at::Tensor& weight_u, const c10::optional<at::Tensor>& bias,
-                            const c10::optional<at::Tensor>& pre_scale, const c10::optional<at::Tensor>& pre_shift,
-                            bool upsample, int64_t pad, bool relu, const c10::optional<at::Tensor>& residual) {
-  TORCH_CHECK(input.device().is_cpu() && input.scalar_type() == at::kFloat && input.dim() == 4,
-              "winograd_conv3x3: input must be a float32 CPU tensor (B,C,H,W), got ", input.scalar_type(), " ",
-              input.sizes(), " on ", input.device());
-  TORCH_CHECK(weight_u.device().is_cpu() && weight_u.scalar_type() == at::kFloat && weight_u.dim() == 3 &&
-                  weight_u.size(0) == kXi && weight_u.size(1) == input.size(1),
-              "winograd_conv3x3: weight_u must be float32 (36,C,Co) with C = ", input.size(1),
-              " (the input's channels), got ", weight_u.scalar_type(), " ", weight_u.sizes());
-  TORCH_CHECK(pad >= 0 && pad <= 2, "winograd_conv3x3: pad must be 0, 1 or 2, got ", pad);
-  TORCH_CHECK(pre_scale.has_value() == pre_shift.has_value(),
-              "winograd_conv3x3: pre_scale and pre_shift come together (got only one)");
+// G (x) G (36,9), float32: row i * 6 + j, column a * 3 + b holds G[i][a] G[j][b], so that G g G^T of a
+// filter g is this times g's 9 values.
+const at::Tensor& filter_transform() {
+  static const at::Tensor kron = [] {
+    at::Tensor k = at::empty({kXi, 9}, at::kFloat);
+    float* p = k.mutable_data_ptr<float>();
+    for (int i = 0; i < 6; ++i)
+      for (int j = 0; j < 6; ++j)
+        for (int a = 0; a < 3; ++a)
+          for (int b = 0; b < 3; ++b) p[(i * 6 + j) * 9 + a * 3 + b] = static_cast<float>(kG[i][a] * kG[j][b]);
+    return k;
+  }();
+  return kron;
+}
+
+// One call of the transform `fn` compiled for this CPU's vector level.
+#define DAGAN_BY_LEVEL(level, fn, ...)                                                                     \
+  ((level) == Capability::kAVX512 ? fn##_avx512(__VA_ARGS__)                                               \
+                                  : (level) == Capability::kAVX2 ? fn##_avx2(__VA_ARGS__) : fn##_default(__VA_ARGS__))
+
+// The geometry of a convolution of `input` (B,C,H,W) to `out_channels` with zero padding `pad`.
+void check_input(const char* op, const at::Tensor& input) {
+  TORCH_CHECK(input.device().is_cpu() && input.scalar_type() == at::kFloat && input.dim() == 4, op,
+              ": input must be a float32 CPU tensor (B,C,H,W), got ", input.scalar_type(), " ", input.sizes(), " on ",
+              input.device());
+}
+
+Geometry geometry(const char* op, const at::Tensor& input, int64_t out_channels, bool upsample, int64_t pad) {
+  check_input(op, input);
+  TORCH_CHECK(pad >= 0 && pad <= 2, op, ": pad must be 0, 1 or 2, got ", pad);
   Geometry g;
   g.batch = input.size(0);
   g.channels = input.size(1);
-  g.out_channels = weight_u.size(2);
+  g.out_channels = out_channels;
   g.in_h = input.size(2);
   g.in_w = input.size(3);
   g.src_h = upsample ? 2 * g.in_h : g.in_h;
@@ -219,16 +283,82 @@ at::Tensor winograd_conv3x3(const at::Tensor& input, const at::Tensor& weight_u,
   g.pad = pad;
   g.out_h = g.src_h + 2 * pad - 2;
   g.out_w = g.src_w + 2 * pad - 2;
-  TORCH_CHECK(g.out_h > 0 && g.out_w > 0, "winograd_conv3x3: input ", input.sizes(), " with pad ", pad,
-              " leaves no output pixel");
-  check_vector(bias, "bias", g.out_channels);
-  check_vector(pre_scale, "pre_scale", g.channels);
-  check_vector(pre_shift, "pre_shift", g.channels);
+  TORCH_CHECK(g.out_h > 0 && g.out_w > 0, op, ": input ", input.sizes(), " with pad ", pad, " leaves no output pixel");
   g.tiles_h = (g.out_h + 3) / 4;
   g.tiles_w = (g.out_w + 3) / 4;
   g.tiles = g.batch * g.tiles_h * g.tiles_w;
+  return g;
+}
 
-  const at::Tensor x = input.contiguous(at::MemoryFormat::ChannelsLast);
+// dst (batch, cols, rows) = src (batch, rows, cols) transposed per batch, in 16x16 blocks that stay in the
+// first cache level: the NCHW <-> channels_last conversion of training's activations, faster than
+// at::Tensor::contiguous on DaGAN's power-of-two maps (whose channel planes collide in the caches).
+void transpose_batched(const float* src, float* dst, int64_t batch, int64_t rows, int64_t cols) {
+  constexpr int64_t kBlock = 16;
+  const int64_t row_blocks = (rows + kBlock - 1) / kBlock;
+  at::parallel_for(0, batch * row_blocks, 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t k = lo; k < hi; ++k) {
+      const int64_t b = k / row_blocks, r0 = (k % row_blocks) * kBlock, r1 = std::min(rows, r0 + kBlock);
+      const float* s = src + b * rows * cols;
+      float* d = dst + b * rows * cols;
+      for (int64_t c0 = 0; c0 < cols; c0 += kBlock) {
+        const int64_t c1 = std::min(cols, c0 + kBlock);
+        // the inner loop walks the side whose other side has the shorter stride: 16 lines a large power of
+        // two apart share one cache set and would evict each other on every access
+        if (cols < rows) {
+          for (int64_t c = c0; c < c1; ++c) {
+            for (int64_t r = r0; r < r1; ++r) d[c * rows + r] = s[r * cols + c];
+          }
+        } else {
+          for (int64_t r = r0; r < r1; ++r) {
+            for (int64_t c = c0; c < c1; ++c) d[c * rows + r] = s[r * cols + c];
+          }
+        }
+      }
+    }
+  });
+}
+
+}  // namespace
+
+at::Tensor as_channels_last(const at::Tensor& t) {
+  if (t.is_contiguous(at::MemoryFormat::ChannelsLast) || !t.is_contiguous() || t.numel() == 0 || t.dim() != 4 ||
+      t.scalar_type() != at::kFloat || !t.device().is_cpu()) {
+    return t.contiguous(at::MemoryFormat::ChannelsLast);
+  }
+  at::Tensor out = at::empty(t.sizes(), t.options().memory_format(at::MemoryFormat::ChannelsLast));
+  transpose_batched(t.const_data_ptr<float>(), out.mutable_data_ptr<float>(), t.size(0), t.size(1),
+                    t.size(2) * t.size(3));
+  return out;
+}
+
+namespace {
+
+// Tiles per chunk: one chunk's 36 transformed rows of the wider side stay within kChunkBytes.
+int64_t chunk_tiles(const Geometry& g) {
+  const int64_t widest = std::max(g.channels, g.out_channels);
+  return std::clamp<int64_t>(kChunkBytes / (kXi * widest * 4), 16, std::max<int64_t>(g.tiles, 16));
+}
+
+}  // namespace
+
+at::Tensor winograd_conv3x3(const at::Tensor& input, const at::Tensor& weight_u, const c10::optional<at::Tensor>& bias,
+                            const c10::optional<at::Tensor>& pre_scale, const c10::optional<at::Tensor>& pre_shift,
+                            bool upsample, int64_t pad, bool relu, const c10::optional<at::Tensor>& residual,
+                            bool channels_last) {
+  check_input("winograd_conv3x3", input);
+  TORCH_CHECK(weight_u.device().is_cpu() && weight_u.scalar_type() == at::kFloat && weight_u.dim() == 3 &&
+                  weight_u.size(0) == kXi && weight_u.size(1) == input.size(1),
+              "winograd_conv3x3: weight_u must be float32 (36,C,Co) with C = ", input.size(1),
+              " (the input's channels), got ", weight_u.scalar_type(), " ", weight_u.sizes());
+  TORCH_CHECK(pre_scale.has_value() == pre_shift.has_value(),
+              "winograd_conv3x3: pre_scale and pre_shift come together (got only one)");
+  const Geometry g = geometry("winograd_conv3x3", input, weight_u.size(2), upsample, pad);
+  check_vector(bias, "bias", g.out_channels);
+  check_vector(pre_scale, "pre_scale", g.channels);
+  check_vector(pre_shift, "pre_shift", g.channels);
+
+  const at::Tensor x = as_channels_last(input);
   const at::Tensor u = weight_u.contiguous();
   at::Tensor res;
   if (residual.has_value()) {
@@ -236,15 +366,14 @@ at::Tensor winograd_conv3x3(const at::Tensor& input, const at::Tensor& weight_u,
                     residual->sizes() == at::IntArrayRef({g.batch, g.out_channels, g.out_h, g.out_w}),
                 "winograd_conv3x3: residual must be float32 (B,Co,Ho,Wo) = (", g.batch, ",", g.out_channels, ",",
                 g.out_h, ",", g.out_w, "), got ", residual->scalar_type(), " ", residual->sizes());
-    res = residual->contiguous(at::MemoryFormat::ChannelsLast);
+    res = as_channels_last(*residual);
   }
   at::Tensor out = at::empty({g.batch, g.out_channels, g.out_h, g.out_w},
                              input.options().memory_format(at::MemoryFormat::ChannelsLast));
   poison(out);
-  if (out.numel() == 0) return out;
+  if (out.numel() == 0) return channels_last ? out : out.contiguous();
 
-  const int64_t widest = std::max(g.channels, g.out_channels);
-  const int64_t chunk = std::clamp<int64_t>(kChunkBytes / (kXi * widest * 4), 16, g.tiles);
+  const int64_t chunk = std::min(chunk_tiles(g), g.tiles);
   at::Tensor v_buf = at::empty({kXi * chunk * g.channels}, input.options());
   at::Tensor m_buf = at::empty({kXi * chunk * g.out_channels}, input.options());
   // held here: the kernels read through raw pointers into them
@@ -265,27 +394,74 @@ at::Tensor winograd_conv3x3(const at::Tensor& input, const at::Tensor& weight_u,
     float* vp = v.mutable_data_ptr<float>();
     const int64_t ldv = count * g.channels, ldm = count * g.out_channels;
     at::parallel_for(0, count, 1, [&](int64_t lo, int64_t hi) {
-      if (level == Capability::kAVX512) {
-        input_tiles_avx512(xp, g, p, first, lo, hi, vp, ldv);
-      } else if (level == Capability::kAVX2) {
-        input_tiles_avx2(xp, g, p, first, lo, hi, vp, ldv);
-      } else {
-        input_tiles_default(xp, g, p, first, lo, hi, vp, ldv);
-      }
+      DAGAN_BY_LEVEL(level, input_tiles, xp, g, p, first, lo, hi, vp, ldv);
     });
     at::bmm_out(m, v, u);
     const float* mp = m.const_data_ptr<float>();
     at::parallel_for(0, count, 1, [&](int64_t lo, int64_t hi) {
-      if (level == Capability::kAVX512) {
-        output_tiles_avx512(mp, ldm, g, e, first, lo, hi, op);
-      } else if (level == Capability::kAVX2) {
-        output_tiles_avx2(mp, ldm, g, e, first, lo, hi, op);
-      } else {
-        output_tiles_default(mp, ldm, g, e, first, lo, hi, op);
-      }
+      DAGAN_BY_LEVEL(level, output_tiles, mp, ldm, g, e, first, lo, hi, op);
     });
   }
-  return out;
+  if (channels_last || out.is_contiguous()) return out;
+  at::Tensor nchw = at::empty(out.sizes(), out.options());
+  transpose_batched(out.const_data_ptr<float>(), nchw.mutable_data_ptr<float>(), g.batch, g.out_h * g.out_w,
+                    g.out_channels);
+  return nchw;
+}
+
+at::Tensor winograd_filter(const at::Tensor& weight, bool transposed) {
+  TORCH_CHECK(weight.device().is_cpu() && weight.scalar_type() == at::kFloat && weight.dim() == 4 &&
+                  weight.size(2) == 3 && weight.size(3) == 3,
+              "winograd_filter: weight must be float32 CPU (Co,C,3,3), got ", weight.scalar_type(), " ", weight.sizes(),
+              " on ", weight.device());
+  // the gradient with respect to the input convolves with the filters flipped in both axes
+  const at::Tensor w = transposed ? weight.flip({2, 3}) : weight.transpose(0, 1);
+  const int64_t rows = w.size(0), cols = w.size(1);
+  // (36,9) @ (9, rows cols): one matrix product, memory-bound
+  return at::mm(filter_transform(), w.reshape({rows * cols, 9}).t()).view({kXi, rows, cols});
+}
+
+at::Tensor winograd_conv3x3_weight_grad(const at::Tensor& input, const at::Tensor& grad_output, int64_t pad) {
+  check_input("winograd_conv3x3_weight_grad", input);
+  TORCH_CHECK(grad_output.device().is_cpu() && grad_output.scalar_type() == at::kFloat && grad_output.dim() == 4 &&
+                  grad_output.size(0) == input.size(0),
+              "winograd_conv3x3_weight_grad: grad_output must be float32 (B,Co,Ho,Wo) with the input's batch (input ",
+              input.sizes(), "), got ", grad_output.scalar_type(), " ", grad_output.sizes(), " on ",
+              grad_output.device());
+  const Geometry g = geometry("winograd_conv3x3_weight_grad", input, grad_output.size(1), false, pad);
+  TORCH_CHECK(grad_output.size(2) == g.out_h && grad_output.size(3) == g.out_w,
+              "winograd_conv3x3_weight_grad: grad_output must be (", g.batch, ",", g.out_channels, ",", g.out_h, ",",
+              g.out_w, ") for input ", input.sizes(), " and pad ", pad, ", got ", grad_output.sizes());
+  at::Tensor grad_u = at::zeros({kXi, g.channels, g.out_channels}, input.options());
+  if (g.tiles == 0 || g.channels == 0 || g.out_channels == 0) {
+    return at::zeros({g.out_channels, g.channels, 3, 3}, input.options());
+  }
+
+  const at::Tensor x = as_channels_last(input);
+  const at::Tensor gy = as_channels_last(grad_output);
+  const int64_t chunk = std::min(chunk_tiles(g), g.tiles);
+  at::Tensor v_buf = at::empty({kXi * chunk * g.channels}, input.options());
+  at::Tensor z_buf = at::empty({kXi * chunk * g.out_channels}, input.options());
+  const Prologue p{nullptr, nullptr, false};
+  const Capability level = capability();
+  const float* xp = x.const_data_ptr<float>();
+  const float* gp = gy.const_data_ptr<float>();
+  for (int64_t first = 0; first < g.tiles; first += chunk) {
+    const int64_t count = std::min(chunk, g.tiles - first);
+    at::Tensor v = v_buf.narrow(0, 0, kXi * count * g.channels).view({kXi, count, g.channels});
+    at::Tensor z = z_buf.narrow(0, 0, kXi * count * g.out_channels).view({kXi, count, g.out_channels});
+    float* vp = v.mutable_data_ptr<float>();
+    float* zp = z.mutable_data_ptr<float>();
+    const int64_t ldv = count * g.channels, ldz = count * g.out_channels;
+    at::parallel_for(0, count, 1, [&](int64_t lo, int64_t hi) {
+      DAGAN_BY_LEVEL(level, input_tiles, xp, g, p, first, lo, hi, vp, ldv);
+      DAGAN_BY_LEVEL(level, grad_tiles, gp, g, first, lo, hi, zp, ldz);
+    });
+    grad_u.baddbmm_(v.transpose(1, 2), z);  // sum over tiles of V^T Z, per transform point
+  }
+  // the filters' gradient: G^T (grad_u) G per channel pair, the adjoint of G g G^T
+  const at::Tensor grad_w = at::mm(filter_transform().t(), grad_u.view({kXi, g.channels * g.out_channels}));
+  return grad_w.view({3, 3, g.channels, g.out_channels}).permute({3, 2, 0, 1}).contiguous();
 }
 
 }  // namespace cpu

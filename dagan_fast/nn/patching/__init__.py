@@ -140,10 +140,12 @@ def patch(module: nn.Module, *, ops: Iterable[str] = OPS, backend: Optional[str]
     shape, stride, dtype, device; parameter and buffer ``_version``); one entry per generator.
     fast_conv: the patched generators' plain ``nn.Conv2d`` instances become ``FastConv2d`` (3x3 stride 1:
     Winograd F(4x4,3x3) where it measures faster) or ``PackedConv2d`` (the rest: oneDNN with the weight packed
-    once), in place (a class swap: same Parameters, state_dict and train/eval). Both act only without autograd
-    on CPU float32 (packed: also bfloat16) tensors and run ``nn.Conv2d.forward`` otherwise, so training is
-    unchanged; without autograd results differ from the direct convolution by float32 rounding (Winograd:
-    ~1e-5 relative). None: on under the same conditions as ``channels_last``; unpatch restores the classes.
+    once), in place (a class swap: same Parameters, state_dict and train/eval). On CPU float32 tensors; the
+    packed ones also bfloat16, and only without autograd. With autograd the Winograd-capable ones choose per
+    shape between Winograd and oneDNN for the forward, the input gradient and the filter gradient, keeping
+    NCHW activations NCHW; anything else runs ``nn.Conv2d.forward``. Results differ from the direct
+    convolution by float32 rounding (Winograd: ~1e-5 relative). None: on for generators whose weights are
+    on the CPU (either mode); unpatch restores the classes.
 
     Patching a patched module again is a no-op (its entries say so). A tree with nothing recognisable gives
     an empty report and a warning. ``unpatch(module)`` restores the original forwards.
@@ -210,12 +212,19 @@ def patch(module: nn.Module, *, ops: Iterable[str] = OPS, backend: Optional[str]
 
 
 def _cpu_inference_default(gen: nn.Module) -> bool:
-    """The default of channels_last / fast_conv: a generator in eval mode whose weights are CPU float32/bf16.
+    """The default of channels_last: a generator in eval mode whose weights are CPU float32/bf16.
     Inference only: oneDNN's NHWC train-mode BatchNorm rounds its batch statistics coarsely enough to move the
     small gradients of the convolutions ahead of it by up to ~16% (see tests/test_patch.py)."""
     params = list(gen.parameters())
     return bool(params) and not gen.training and all(
         p.device.type == "cpu" and p.dtype in (torch.float32, torch.bfloat16) for p in params)
+
+
+def _cpu_default(gen: nn.Module) -> bool:
+    """The default of fast_conv: a generator whose weights are CPU float32/bf16, in either mode (its training
+    path keeps NCHW activations NCHW, so train-mode BatchNorm rounds as unpatched)."""
+    params = list(gen.parameters())
+    return bool(params) and all(p.device.type == "cpu" and p.dtype in (torch.float32, torch.bfloat16) for p in params)
 
 
 def _children_left_alone(gen: nn.Module, entry: PatchEntry, report: PatchReport) -> List[str]:
@@ -234,7 +243,7 @@ def _fast_convolutions(root: nn.Module, entry: PatchEntry, report: PatchReport, 
     from ...models.packed_conv import PackedConv2d, packed_convolutions_available
 
     gen = root.get_submodule(entry.path) if entry.path else root
-    if not (_cpu_inference_default(gen) if wanted is None else wanted):
+    if not (_cpu_default(gen) if wanted is None else wanted):
         return
     if not (fast_convolutions_available() and packed_convolutions_available()):
         entry.notes.append("fast_conv: not available here (needs the compiled op library and oneDNN)")
@@ -252,8 +261,8 @@ def _fast_convolutions(root: nn.Module, entry: PatchEntry, report: PatchReport, 
         counts[cls] += 1
     if st.retyped:
         entry.notes.append(f"fast_conv: {counts[FastConv2d]} 3x3 convolutions Winograd-capable, "
-                           f"{counts[PackedConv2d]} others pre-packed for oneDNN (without autograd, CPU float32; "
-                           f"unpatch restores their classes)")
+                           f"{counts[PackedConv2d]} others pre-packed for oneDNN (CPU float32; the Winograd ones also "
+                           f"in training, the packed ones without autograd; unpatch restores their classes)")
 
 
 def _channels_last(root: nn.Module, entry: PatchEntry, report: PatchReport, wanted: Optional[bool]) -> None:
