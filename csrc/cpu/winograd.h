@@ -1,5 +1,5 @@
-// Winograd F(4x4, 3x3) convolution for CPU float32 inference and training (the 3x3 stride-1 convolutions that make up
-// most of a DaGAN frame: the bottleneck res-blocks and the decoder up-blocks).
+// Winograd F(4x4, 3x3) convolution for CPU float32 inference and training (the 3x3 stride-1 convolutions
+// that make up most of a DaGAN frame: the bottleneck res-blocks and the decoder up-blocks).
 #pragma once
 #include <ATen/core/Tensor.h>
 

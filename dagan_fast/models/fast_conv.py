@@ -20,8 +20,9 @@ convolution of the output's gradient with the flipped, transposed filters); the 
 adjoint of the forward's transforms, ``dagan_fast::winograd_conv3x3_weight_grad``). Measured on the AVX2 VM
 (2 threads), 256->256 at 64x64: forward 18 / 30 ms, input gradient 17 / 31 ms, filter gradient 17 / 38 ms.
 Outputs and input gradients keep the input's memory format (NCHW stays NCHW, so a following train-mode
-BatchNorm rounds as it does unpatched; the kernel reads and writes NCHW in place, with no layout copies). A backward that builds a graph (``create_graph=True``) runs the
-direct, differentiable convolution gradients instead.
+BatchNorm rounds as it does unpatched; the kernels transpose NCHW maps in cache-sized blocks, each input and
+output gradient once). A backward that builds a graph (``create_graph=True``) runs the direct,
+differentiable convolution gradients instead.
 
 The same kernel fuses what surrounds these convolutions in DaGAN's blocks: the nearest 2x upsampling before
 an UpBlock2d's convolution, the pre-activation BatchNorm + ReLU before a ResBlock2d's first one, and the
