@@ -1,10 +1,11 @@
 """Times each dagan_fast op per backend against the plain PyTorch formulation, in one run.
 
-    python benchmarks/kernels.py [warp|attention|motion|bf16|all] [--device cpu|cuda] [--full] [--csv PATH]
+    python benchmarks/kernels.py [warp|attention|motion|bf16|conv|all] [--device cpu|cuda] [--full] [--csv PATH]
 
 Prints per shape and pass (forward, backward, forward+backward): ms, achieved GB/s (warp, motion:
 bytes read once + written once) or TFLOP/s (attention), and the speed ratio against PyTorch; `bf16`
-(CPU) runs one bfloat16 shape per op against PyTorch in bfloat16. Rows
+(CPU) runs one bfloat16 shape per op against PyTorch in bfloat16; `conv` (CPU) the float32 Winograd and
+narrow convolution kernels against nn.Conv2d. Rows
 are appended to benchmarks/results/kernels-<device>.csv with device, versions, commit and date.
 """
 from __future__ import annotations
@@ -297,7 +298,39 @@ def bench_bf16(device, full: bool, meta: dict) -> List[dict]:
     return rows
 
 
-BENCHES = {"warp": bench_warp, "attention": bench_attention, "motion": bench_motion, "bf16": bench_bf16}
+# ---------------------------------------------------------------- CPU float32 convolutions
+def bench_conv(device, full: bool, meta: dict) -> List[dict]:
+    """The fast_conv kernels (Winograd F(4x4,3x3), the narrow direct kernel) against nn.Conv2d (oneDNN), on
+    DaGAN's shapes, NCHW inputs as in training; forced on (policy "always") so the kernels themselves are
+    timed. Forward: the inference path (channels_last output); backward: the training path's gradients."""
+    if device.type != "cpu":
+        return []
+    import copy
+    from dagan_fast.models.fast_conv import fast_convolutions_available, use_fast_convolutions
+    if not fast_convolutions_available():
+        print("conv: the compiled op library is not loaded; skipped")
+        return []
+    # (C, Co, kernel, H, W): the bottleneck res-block, a decoder up-block's at 128x128, the last 7x7 to RGB,
+    # the depth decoder's disparity head
+    shapes = [(256, 256, 3, 64, 64), (128, 64, 3, 128, 128), (64, 3, 7, 256, 256), (16, 1, 3, 256, 256)]
+    rows: List[dict] = []
+    for C, Co, k, H, W in shapes:
+        torch.manual_seed(0)
+        conv = torch.nn.Conv2d(C, Co, k, padding=k // 2)
+        fast = copy.deepcopy(conv)
+        use_fast_convolutions(fast, policy="always")
+        x = torch.randn(1, C, H, W, requires_grad=True)
+        results = {"pytorch": timed_passes(lambda: conv(x), [x], device)}
+        results[type(fast).__name__] = timed_passes(lambda: fast(x), [x], device)
+        flops = 2.0 * C * Co * k * k * H * W
+        work = {"forward": flops, "backward": 2 * flops, "forward+backward": 3 * flops}
+        report(rows, "conv2d fp32", f"C{C} Co{Co} {k}x{k} {H}x{W}", "pytorch", results, work, "TFLOP/s", device,
+               meta)
+    return rows
+
+
+BENCHES = {"warp": bench_warp, "attention": bench_attention, "motion": bench_motion, "bf16": bench_bf16,
+           "conv": bench_conv}
 
 
 def main(argv: Optional[List[str]] = None) -> None:

@@ -302,12 +302,47 @@ WINOGRAD_CASES = [(1, 19, 21, 13, 6, 1, False, False, False, False), (2, 33, 17,
                   (1, 7, 9, 5, 4, 2, True, False, False, True)]
 
 
+# G of F(4x4, 3x3) (Lavin & Gray), points 0, +-1, +-2 and infinity (6x3)
+WINOGRAD_G = ((1 / 4, 0, 0), (-1 / 6, -1 / 6, -1 / 6), (-1 / 6, 1 / 6, -1 / 6), (1 / 24, 1 / 12, 1 / 6),
+              (1 / 24, -1 / 12, 1 / 6), (0, 0, 1))
+
+
+def winograd_filter_reference(weight: torch.Tensor, transposed: bool = False, magnitude: bool = False):
+    """``dagan_fast::winograd_filter`` in float64: G g G^T of (Co,C,3,3) filters as (36,C,Co), or of their
+    flipped transpose (the input gradient's filters) as (36,Co,C); ``magnitude``: the same with |G| and |g|
+    (what each entry adds up, for rounding bounds)."""
+    g = torch.tensor(WINOGRAD_G, dtype=torch.float64)
+    w = weight.detach().double()
+    if transposed:
+        w = w.flip(2, 3).transpose(0, 1)
+    if magnitude:
+        g, w = g.abs(), w.abs()
+    return torch.einsum("ia,ocab,jb->ijco", g, w, g).reshape(36, w.shape[1], w.shape[0])
+
+
+def check_winograd_filter(seed=0) -> List[Dict]:
+    """The float32 filter transform (one (36,9) matrix product per filter) against float64, within 16 units of
+    float32 rounding of what each entry adds up, for the forward and the flipped (input gradient) filters."""
+    g = _gen(seed)
+    w = _randn((7, 13, 3, 3), g).float()
+    results = []
+    for transposed in (False, True):
+        got = torch.ops.dagan_fast.winograd_filter(w, transposed)
+        want = winograd_filter_reference(w, transposed)
+        err = (got.double() - want).abs()
+        bound = 16 * EPS[torch.float32] * winograd_filter_reference(w, transposed, magnitude=True)
+        assert got.shape == want.shape and got.dtype == torch.float32 and float((err - bound).max()) <= 0, \
+            f"winograd_filter transposed={transposed}: error {float(err.max()):.3e}"
+        results.append({"name": "winograd filter", "case": f"transposed={transposed}", "dtype": str(torch.float32),
+                        "err": float(err.max())})
+    return results
+
+
 def check_winograd(case, seed=0) -> List[Dict]:
     """The float32 Winograd convolution against float64, within 1e-5 of the sum of |w| |x| each output adds
     up (the transforms amplify rounding ~4x over a direct convolution); for plain cases also its input and
     filter gradients."""
     import torch.nn.functional as F
-    from dagan_fast.models.fast_conv import winograd_weight
 
     B, C, Co, H, W, pad, upsample, pre, residual, relu = case
     g = _gen(seed)
@@ -323,7 +358,7 @@ def check_winograd(case, seed=0) -> List[Dict]:
     if relu:
         truth = F.relu(truth)
     got = torch.ops.dagan_fast.winograd_conv3x3(
-        x.float(), winograd_weight(w.float()), b.float(), scale.float() if pre else None,
+        x.float(), torch.ops.dagan_fast.winograd_filter(w.float(), False), b.float(), scale.float() if pre else None,
         shift.float() if pre else None, upsample, pad, relu, None if res is None else res.float())
     magnitude = F.conv2d(src.abs(), w.abs(), b.abs(), padding=pad) + (res.abs() if res is not None else 0)
     err = (got.double() - truth).abs()
@@ -360,6 +395,41 @@ def check_winograd(case, seed=0) -> List[Dict]:
     return results
 
 
+# (B, C, Co, H, W, kh, kw, pad_h, pad_w, layout): DaGAN's last convolution at a small size, channels not a
+# multiple of 8 or 16, 1x1 and rectangular kernels, unequal padding, images narrower than the kernel,
+# NCHW / channels_last inputs
+NARROW_CASES = [(1, 64, 3, 19, 37, 7, 7, 3, 3, "channels_last"), (2, 5, 1, 13, 17, 3, 3, 1, 1, "nchw"),
+                (1, 35, 2, 9, 30, 7, 7, 3, 3, "channels_last"), (1, 17, 4, 9, 11, 5, 3, 0, 2, "nchw"),
+                (3, 48, 3, 4, 2, 7, 7, 3, 3, "channels_last"), (1, 3, 4, 6, 5, 1, 1, 0, 0, "nchw"),
+                (1, 16, 1, 1, 40, 1, 9, 0, 4, "channels_last")]
+
+
+def check_narrow_conv(case, seed=0) -> List[Dict]:
+    """The float32 narrow convolution (1-4 output channels) against float64, in both output layouts, within
+    the first-order rounding bound of its summation order: ceil(C/8) kh kw sequential adds per lane, 8 more
+    across lanes and the bias, times 2^-24 times the sum of |w| |x| an output adds up."""
+    import torch.nn.functional as F
+
+    B, C, Co, H, W, kh, kw, ph, pw, layout = case
+    g = _gen(seed)
+    x, w, b = _randn((B, C, H, W), g), _randn((Co, C, kh, kw), g, 1 / (kh * kw * C) ** 0.5), _randn((Co,), g)
+    truth = F.conv2d(x, w, b, padding=(ph, pw))
+    magnitude = F.conv2d(x.abs(), w.abs(), b.abs(), padding=(ph, pw))
+    bound = (-(-C // 8) * kh * kw + 9) * EPS[torch.float32] * magnitude
+    xf = x.float().contiguous(memory_format=torch.channels_last) if layout == "channels_last" else x.float()
+    results = []
+    for channels_last in (True, False):
+        got = torch.ops.dagan_fast.narrow_conv2d(xf, w.float(), b.float(), ph, pw, channels_last)
+        err = (got.double() - truth).abs()
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        assert got.shape == truth.shape and got.is_contiguous(memory_format=fmt), ("narrow conv", case)
+        assert torch.isfinite(got).all() and float((err - bound).max()) <= 0, \
+            f"narrow conv {case} channels_last={channels_last}: error {float(err.max()):.3e}"
+        results.append({"name": "narrow conv", "case": str(case), "dtype": str(torch.float32),
+                        "err": float(err.max())})
+    return results
+
+
 def run_all(dtypes=(torch.float32, torch.bfloat16)) -> Dict:
     """Every case of every kernel, forward and backward, in each dtype; raises on the first failure."""
     report = {"capability": torch.ops.dagan_fast.cpu_capability(), "aten": torch.backends.cpu.get_cpu_capability(),
@@ -371,7 +441,10 @@ def run_all(dtypes=(torch.float32, torch.bfloat16)) -> Dict:
             report["results"] += check_attention(case, dtype)
         for case in MOTION_CASES:
             report["results"] += check_motion(case, dtype)
-    if torch.float32 in dtypes and hasattr(torch.ops.dagan_fast, "winograd_conv3x3"):
+    if torch.float32 in dtypes and hasattr(torch.ops.dagan_fast, "narrow_conv2d"):
+        report["results"] += check_winograd_filter()
+        for case in NARROW_CASES:
+            report["results"] += check_narrow_conv(case)
         for case in WINOGRAD_CASES:
             report["results"] += check_winograd(case)
     return report

@@ -265,7 +265,8 @@ class Animator:
     ``cuda_graphs``: capture the per-frame work in CUDA graphs (default: on for CUDA devices).
     ``fast_conv`` (default: on for CPU float32 with ``optimize`` where the compiled op library is loaded): the
     3x3 stride-1 convolutions run Winograd F(4x4, 3x3) where it measures faster than oneDNN for the shape
-    (``models.fast_conv``; up to 2x per convolution), outputs within ~1e-4 of the direct convolutions. The
+    (``models.fast_conv``; up to 2x per convolution), those to 1-4 channels (the last 7x7 to RGB) a direct
+    kernel vectorised over input channels (2x), outputs within ~1e-4 of the direct convolutions. The
     first frame of each batch size times both paths per convolution shape (once per process: ~2-5 s at 256 on
     2 threads). ``fast_conv=False``: the direct (oneDNN) convolutions only.
     ``source_box``: the source window the model sees, (x, y, w, h) in source pixels (made square: side
@@ -801,7 +802,8 @@ class Animator:
         conv = ("cuDNN" if self.device.type == "cuda" else
                 "oneDNN, weights pre-packed" if self.prepack else "oneDNN (F.conv2d)")
         if self.fast_conv:
-            conv += "; 3x3 stride-1: Winograd F(4x4,3x3) where faster per shape (fast_conv)"
+            conv += ("; 3x3 stride-1: Winograd F(4x4,3x3), to 1-4 channels: narrow direct kernel, where faster "
+                     "per shape (fast_conv)")
         low = self.dtype in _LOW_PRECISION
         lines = [
             f"model: {type(model).__name__}{f' ({kind} generator)' if kind else ''}, {params / 1e6:.2f}M parameters",

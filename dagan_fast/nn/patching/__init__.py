@@ -139,13 +139,16 @@ def patch(module: nn.Module, *, ops: Iterable[str] = OPS, backend: Optional[str]
     source image / depth tensors and those sub-networks' weights are unchanged (identity, ``_version``,
     shape, stride, dtype, device; parameter and buffer ``_version``); one entry per generator.
     fast_conv: the patched generators' plain ``nn.Conv2d`` instances become ``FastConv2d`` (3x3 stride 1:
-    Winograd F(4x4,3x3) where it measures faster) or ``PackedConv2d`` (the rest: oneDNN with the weight packed
-    once), in place (a class swap: same Parameters, state_dict and train/eval). On CPU float32 tensors; the
-    packed ones also bfloat16, and only without autograd. With autograd the Winograd-capable ones choose per
-    shape between Winograd and oneDNN for the forward, the input gradient and the filter gradient, keeping
-    NCHW activations NCHW; anything else runs ``nn.Conv2d.forward``. Results differ from the direct
-    convolution by float32 rounding (Winograd: ~1e-5 relative). None: on for generators whose weights are
-    on the CPU (either mode); unpatch restores the classes.
+    Winograd F(4x4,3x3) where it measures faster), ``NarrowConv2d`` (other stride-1 ones with 1-4 output
+    channels, such as the last 7x7 convolution to RGB: a direct kernel vectorised over input channels where it
+    measures faster) or ``PackedConv2d`` (the rest: oneDNN with the weight packed once), in place (a class
+    swap: same Parameters, state_dict and train/eval). On CPU float32 tensors; the packed ones also bfloat16,
+    and only without autograd. With autograd the Winograd-capable ones choose per shape between Winograd and
+    oneDNN for the forward, the input gradient and the filter gradient, keeping NCHW activations NCHW; the
+    narrow ones choose for the forward (their gradients run oneDNN); anything else runs
+    ``nn.Conv2d.forward``. Results differ from the direct convolution by float32 rounding (Winograd: ~1e-5
+    relative). None: on for generators whose weights are on the CPU (either mode); unpatch restores the
+    classes.
 
     Patching a patched module again is a no-op (its entries say so). A tree with nothing recognisable gives
     an empty report and a warning. ``unpatch(module)`` restores the original forwards.
@@ -237,9 +240,10 @@ def _children_left_alone(gen: nn.Module, entry: PatchEntry, report: PatchReport)
 
 
 def _fast_convolutions(root: nn.Module, entry: PatchEntry, report: PatchReport, wanted: Optional[bool]) -> None:
-    """Swaps the classes of the generator's plain convolutions to FastConv2d / PackedConv2d (see ``patch``);
-    records them for unpatch."""
-    from ...models.fast_conv import FastConv2d, _eligible as winograd_eligible, fast_convolutions_available
+    """Swaps the classes of the generator's plain convolutions to FastConv2d / NarrowConv2d / PackedConv2d (see
+    ``patch``); records them for unpatch."""
+    from ...models.fast_conv import (FastConv2d, NarrowConv2d, _eligible as winograd_eligible, _narrow_eligible,
+                                     fast_convolutions_available)
     from ...models.packed_conv import PackedConv2d, packed_convolutions_available
 
     gen = root.get_submodule(entry.path) if entry.path else root
@@ -250,19 +254,20 @@ def _fast_convolutions(root: nn.Module, entry: PatchEntry, report: PatchReport, 
         return
     st = gen.__dict__[_dispatch.STATE_ATTR]
     skip = _children_left_alone(gen, entry, report)
-    counts = {FastConv2d: 0, PackedConv2d: 0}
+    counts = {FastConv2d: 0, NarrowConv2d: 0, PackedConv2d: 0}
     for name, m in gen.named_modules():
         if type(m) is not nn.Conv2d or m.padding_mode != "zeros" or not isinstance(m.padding, tuple) \
                 or any(name.startswith(s + ".") for s in skip):
             continue
-        cls = FastConv2d if winograd_eligible(m) else PackedConv2d
+        cls = FastConv2d if winograd_eligible(m) else NarrowConv2d if _narrow_eligible(m) else PackedConv2d
         st.retyped.append((m, type(m)))
         m.__class__ = cls
         counts[cls] += 1
     if st.retyped:
         entry.notes.append(f"fast_conv: {counts[FastConv2d]} 3x3 convolutions Winograd-capable, "
-                           f"{counts[PackedConv2d]} others pre-packed for oneDNN (CPU float32; the Winograd ones also "
-                           f"in training, the packed ones without autograd; unpatch restores their classes)")
+                           f"{counts[NarrowConv2d]} with 1-4 output channels on the narrow direct kernel, "
+                           f"{counts[PackedConv2d]} others pre-packed for oneDNN (CPU float32; the first two kinds "
+                           f"also in training, the packed ones without autograd; unpatch restores their classes)")
 
 
 def _channels_last(root: nn.Module, entry: PatchEntry, report: PatchReport, wanted: Optional[bool]) -> None:
