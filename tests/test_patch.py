@@ -86,10 +86,10 @@ def _assert_dicts_close(out, ref, tol=TOL, skip=(), truth=None):
         assert err <= 2 * ref_err + tol * float(t.abs().max()), (key, err, ref_err)
 
 
-def _assert_grads_close(grads, ref, tol=2e-3, truth=None):
+def _assert_grads_close(grads, ref, tol=2e-3, truth=None, floor=2e-5):
     """Every parameter got a finite nonzero gradient, within ``tol`` of the reference relative to its largest
     entry; gradients that are rounding noise in both (conv biases ahead of train-mode BatchNorm) are compared
-    against the largest gradient of the model instead."""
+    against the largest gradient of the model instead (``floor`` of it, with the float64 ``truth``)."""
     scale = max(float(g.abs().max()) for g in ref.values())
     for name, g in grads.items():
         assert torch.isfinite(g).all() and float(g.abs().max()) > 0, f"{name} got no gradient"
@@ -102,7 +102,7 @@ def _assert_grads_close(grads, ref, tol=2e-3, truth=None):
         err, ref_err = float((g.double() - t).abs().max()), float((ref[name].double() - t).abs().max())
         # floor 2e-5 of the model's largest gradient: small parameters whose gradients cancel (AttnModule.query_conv
         # on AVX2: 3.2e-6 from float64 against a largest model gradient of 0.18) are float32 noise
-        assert err <= 2 * ref_err + tol * float(t.abs().max()) + 2e-5 * scale, (name, err, ref_err)
+        assert err <= 2 * ref_err + tol * float(t.abs().max()) + floor * scale, (name, err, ref_err)
 
 
 @pytest.mark.parametrize("kind", ["fomm", "plain", "spade"])
@@ -192,7 +192,13 @@ def test_training_step_equal(models, kind, channels_last):
     # gradients cancel) measured 5.8e-5 from float64 = 2.2e-3 of its largest entry, against 1.5e-6 for the
     # unpatched float32 step; on AVX-512 it stays under 2e-3. An open accuracy question of the fused motion
     # backward's AVX2 path (see the session note), bounded here rather than hidden.
-    _assert_grads_close(g1, g0, tol=2.5e-1 if channels_last else 4e-3, truth=g64)
+    # Winograd everywhere (None): its forward rounds ~3-20x coarser than the direct convolution (2-3e-5 on outputs
+    # of std 0.5), and the gradients that cancel through the train-mode BatchNorms on this model's 4x4-16x16 maps
+    # (batch 2) amplify that: measured up to 2.1e-3 of the model's largest gradient from float64 (bottleneck.r0.conv1
+    # with AVX-512 ATen; 2e-4 with AVX2 ATen, the same Winograd error), where the direct path's are ~1e-7; a wrong
+    # transform or gradient errs by the gradients' own size.
+    floor = 5e-3 if channels_last is None and fast_convolutions_available() else 2e-5
+    _assert_grads_close(g1, g0, tol=2.5e-1 if channels_last else 4e-3, truth=g64, floor=floor)
     for name in s0:
         assert rel_err(s1[name], s0[name]) < 1e-4, name
 
