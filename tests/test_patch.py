@@ -100,8 +100,8 @@ def _assert_grads_close(grads, ref, tol=2e-3, truth=None, floor=2e-5):
         assert truth is not None, (name, err, float(ref[name].abs().max()))
         t = truth[name]
         err, ref_err = float((g.double() - t).abs().max()), float((ref[name].double() - t).abs().max())
-        # floor 2e-5 of the model's largest gradient: small parameters whose gradients cancel (AttnModule.query_conv
-        # on AVX2: 3.2e-6 from float64 against a largest model gradient of 0.18) are float32 noise
+        # default floor 2e-5 of the model's largest gradient: small parameters whose gradients cancel
+        # (AttnModule.query_conv on AVX2: 3.2e-6 from float64 against a largest model gradient of 0.18) are float32 noise
         assert err <= 2 * ref_err + tol * float(t.abs().max()) + floor * scale, (name, err, ref_err)
 
 
